@@ -1,0 +1,160 @@
+"""Decoded images/s: torchvision ImageFolder vs the vaejob shard loader, on the same images.
+
+    python benchmarks/data_throughput.py                 # 20k synthetic 64x64 RGB, 2 workers
+    python benchmarks/data_throughput.py --num 2000      # quick (CI)
+
+Writes npy shards with ``vaejob.shard``, the same images as PNG files in an ImageFolder tree, and png shards,
+then times full passes (worker start-up included, as every epoch pays it) of:
+
+  imagefolder     ImageFolder + PIL + ToTensor + DataLoader(batch_size, shuffle=True, num_workers=W)
+  vaejob-npy      vaejob loader on npy shards, float output (raw=False), same W
+  read-only       W processes iterating the npy shards' members without decoding (reader ceiling)
+  vaejob-png      vaejob loader on png shards, float output (reference)
+
+The methods run interleaved, ``--repeats`` rounds, so machine noise hits them alike; the table shows the
+median and best round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from vaejob import data, shard
+
+
+def make_data(root: Path, num: int, size: int, workers: int) -> tuple[Path, Path, Path]:
+    npy, png, folder = root / "npy", root / "png", root / "imagefolder"
+    common = ["--source", f"synthetic:{num}", "--size", str(size), "--val-fraction", "0", "--seed", "0"]
+    common += ["--shard-size", str(max(1, num // 8)), "--workers", str(workers)]
+    for out, fmt in ((npy, "npy"), (png, "png")):
+        if not (out / "manifest.json").exists():
+            if shard.main([*common, "--out", str(out), "--format", fmt]) != 0:
+                raise SystemExit(f"vaejob.shard failed for {out}")
+    if not folder.exists():
+        tmp = folder.with_suffix(".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shards = data.open_shards(str(npy))
+        decoder = data._Decoder(shards.encoding, shards.image_shape)
+        split = shards.split("train")
+        for url, count in zip(split.urls, split.counts, strict=True):
+            for _, key, members in data._read_segment(url, 0, count, count, decoder.wanted):
+                label = int(members["cls"])
+                (tmp / f"class_{label}").mkdir(parents=True, exist_ok=True)
+                Image.fromarray(decoder.image(url, key, members)).save(tmp / f"class_{label}" / f"{key}.png")
+        tmp.rename(folder)
+    return npy, png, folder
+
+
+def count(batches: Iterator) -> int:
+    n = 0
+    for batch in batches:
+        images = batch["image"] if isinstance(batch, dict) else batch[0]
+        if images.dtype != torch.float32:
+            raise AssertionError(f"expected float32 images, got {images.dtype}")
+        n += images.shape[0]
+    return n
+
+
+def imagefolder(folder: Path, batch_size: int, workers: int) -> int:
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms import ToTensor
+
+    ds = ImageFolder(str(folder), transform=ToTensor())
+    return count(iter(DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers)))
+
+
+def vaejob_loader(shards: str, batch_size: int, workers: int, epoch: int) -> int:
+    loader = data.make_loader(
+        shards, "train", batch_size, num_workers=workers, epoch=epoch, rank=0, world_size=1
+    )
+    return count(iter(loader))
+
+
+class _ReadOnly(IterableDataset):
+    """Worker i reads shards i, i+W, ...: every member's bytes, nothing decoded."""
+
+    def __init__(self, shards: data.ShardSet) -> None:
+        self.split = shards.split("train")
+        self.wanted = data._Decoder(shards.encoding, shards.image_shape).wanted
+
+    def __iter__(self) -> Iterator[int]:
+        info = get_worker_info()
+        wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
+        pairs = list(zip(self.split.urls, self.split.counts, strict=True))[wid::nw]
+        for url, c in pairs:
+            yield sum(1 for _ in data._read_segment(url, 0, c, c, self.wanted))
+
+
+def read_only(shards: data.ShardSet, workers: int) -> int:
+    return sum(DataLoader(_ReadOnly(shards), batch_size=None, num_workers=workers))
+
+
+def timed(fn: Callable[[int], int], epoch: int) -> float:
+    start = time.perf_counter()
+    n = fn(epoch)
+    return n / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--num", type=int, default=20000, help="images (default 20000; 2000 = quick)")
+    p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers for every method (default 2)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds (default 3)")
+    p.add_argument("--dir", help="keep the generated data here (default: a temporary directory, removed)")
+    args = p.parse_args(argv)
+    print("$ " + shlex.join(["python", *sys.argv] if argv is None else ["python", __file__, *argv]))
+    print(
+        f"torch {torch.__version__}, {os.cpu_count()} CPUs, {args.num} images {args.size}x{args.size} RGB, "
+        f"batch {args.batch_size}, {args.workers} workers, {args.repeats} rounds"
+    )
+
+    root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="vaejob-bench-"))
+    try:
+        t0 = time.perf_counter()
+        npy, png, folder = make_data(root, args.num, args.size, args.workers)
+        print(f"data ready in {time.perf_counter() - t0:.1f} s under {root}")
+        npy_set, png_set = data.open_shards(str(npy)), data.open_shards(str(png))
+        b, w = args.batch_size, args.workers
+        methods: dict[str, Callable[[int], int]] = {
+            "imagefolder": lambda r: imagefolder(folder, b, w),
+            "vaejob-npy": lambda r: vaejob_loader(npy_set, b, w, r),
+            "read-only": lambda r: read_only(npy_set, w),
+            "vaejob-png": lambda r: vaejob_loader(png_set, b, w, r),
+        }
+        for fn in methods.values():  # warm-up: page cache, imports
+            fn(0)
+        rates: dict[str, list[float]] = {name: [] for name in methods}
+        for r in range(args.repeats):
+            for name, fn in methods.items():
+                rates[name].append(timed(fn, r + 1))
+    finally:
+        if not args.dir:
+            shutil.rmtree(root, ignore_errors=True)
+
+    print(f"\n{'method':<12} {'median img/s':>13} {'best img/s':>11}   rounds")
+    for name, values in rates.items():
+        rounds = " ".join(f"{v:,.0f}" for v in values)
+        print(f"{name:<12} {statistics.median(values):>13,.0f} {max(values):>11,.0f}   {rounds}")
+    ratio = statistics.median(rates["vaejob-npy"]) / statistics.median(rates["imagefolder"])
+    best = max(rates["vaejob-npy"]) / max(rates["imagefolder"])
+    print(f"\nvaejob-npy / imagefolder: {ratio:.1f}x (median), {best:.1f}x (best)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

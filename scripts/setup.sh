@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Set up vaejob on a fresh Debian/Ubuntu machine: Fashion-MNIST from Debian, a venv with the package + dev tools.
+# Idempotent: a second run only checks. VAEJOB_VENV picks the venv path (default .venv in the repo).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VAEJOB_VENV:-.venv}
+SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+
+if [ ! -s /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && command -v apt-get >/dev/null; then
+  echo "setup: installing Debian's dataset-fashion-mnist (70k real images, MIT)"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends dataset-fashion-mnist >/dev/null
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "setup: creating $VENV"
+  python3 -m venv "$VENV"
+fi
+if ! "$VENV/bin/python" -c "import vaejob, torch, torchvision, accelerate, webdataset, wandb, submitit, pytest" 2>/dev/null; then
+  echo "setup: installing vaejob and its dependencies into $VENV (torch is large: a few minutes)"
+  "$VENV/bin/pip" install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
+  "$VENV/bin/pip" install -q -e ".[dev]" 2>&1 | grep -vE "is ignored|^$" || true
+  "$VENV/bin/python" -c "import vaejob, torch, torchvision, accelerate, webdataset, wandb, submitit"
+fi
+echo "setup: ok ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'), venv $VENV)"

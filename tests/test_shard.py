@@ -1,0 +1,446 @@
+"""`vaejob.shard` on real files: every source, determinism, read-back with webdataset, bad input, job arrays."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import pickle
+import re
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from vaejob.shard import TarWriter, in_val, main
+from vaejob.sources import FASHION_MNIST_NAMES
+
+KEY_RE = re.compile(r"[A-Za-z0-9_-]{1,80}")
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def shard(out: Path, *args: str, workers: int = 1) -> dict:
+    """Shard in-process and return the manifest."""
+    assert main([*args, "--out", str(out), "--workers", str(workers)]) == 0
+    return json.loads((out / "manifest.json").read_text())
+
+
+def read_back(out: Path, split: str) -> list[dict]:
+    """Samples of a split as plain webdataset decodes them, in shard order."""
+    urls = [
+        str(out / s["name"])
+        for s in json.loads((out / "manifest.json").read_text())["splits"][split]["shards"]
+    ]
+    if not urls:
+        return []
+    return list(wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode())
+
+
+def file_hashes(out: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir()) if p.is_file()}
+
+
+def check_set(out: Path, shape: tuple[int, int, int]) -> dict[str, list[dict]]:
+    """The manifest agrees with the files and with what webdataset reads back; returns the samples by split."""
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["format"] == "vaejob-shards/1"
+    assert (m["image"]["height"], m["image"]["width"], m["image"]["channels"]) == shape
+    samples = {}
+    for split in ("train", "val"):
+        for s in m["splits"][split]["shards"]:
+            data = (out / s["name"]).read_bytes()
+            assert (len(data), hashlib.sha256(data).hexdigest()) == (s["bytes"], s["sha256"])
+        samples[split] = read_back(out, split)
+        assert len(samples[split]) == m["splits"][split]["count"]
+        assert [len(read_back_shard(out / s["name"])) for s in m["splits"][split]["shards"]] == [
+            s["count"] for s in m["splits"][split]["shards"]
+        ]
+        for smp in samples[split]:
+            assert KEY_RE.fullmatch(smp["__key__"])
+            img = smp["npy"]
+            assert img.shape == shape and img.dtype == np.uint8
+            if m["labels"] is not None:
+                assert 0 <= smp["cls"] < m["labels"]["num_classes"]
+            if m["factors"] is not None:
+                assert sorted(smp["json"]) == m["factors"]
+    keys = [s["__key__"] for split in samples.values() for s in split]
+    assert len(keys) == len(set(keys))
+    return samples
+
+
+def read_back_shard(path: Path) -> list[dict]:
+    return list(wds.WebDataset(str(path), shardshuffle=False, empty_check=False))
+
+
+def write_idx(path: Path, arr: np.ndarray) -> None:
+    head = bytes([0, 0, 8, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+    data = head + arr.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(data, mtime=0) if path.suffix == ".gz" else data)
+
+
+def make_idx_dir(root: Path, n_train: int = 12, n_test: int = 5, side: int = 8) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(1)
+    arrays = {
+        "train-images-idx3-ubyte.gz": rng.integers(0, 256, (n_train, side, side), dtype=np.uint8),
+        "train-labels-idx1-ubyte": rng.integers(0, 10, n_train, dtype=np.uint8),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, side, side), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte.gz": rng.integers(0, 10, n_test, dtype=np.uint8),
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    for name, arr in arrays.items():
+        write_idx(root / name, arr)
+    return arrays
+
+
+def make_cifar_dir(root: Path, per_batch: int = 2, n_test: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(2)
+    batches = {f"data_batch_{k}": per_batch for k in range(1, 6)} | {"test_batch": n_test}
+    root.mkdir(parents=True)
+    datas = []
+    for name, n in batches.items():
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        labels = [int(x) for x in rng.integers(0, 10, n)]
+        with open(root / name, "wb") as f:
+            pickle.dump({b"batch_label": name.encode(), b"labels": labels, b"data": data}, f)
+        datas.append(data)
+    names = [
+        b"airplane",
+        b"automobile",
+        b"bird",
+        b"cat",
+        b"deer",
+        b"dog",
+        b"frog",
+        b"horse",
+        b"ship",
+        b"truck",
+    ]
+    with open(root / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": names, b"num_vis": 3072}, f)
+    return np.concatenate(datas[:5]), datas[5]
+
+
+def make_imagefolder(root: Path) -> None:
+    """Two classes, a nested subfolder, several formats, one non-square, one corrupt, one non-image file."""
+    rng = np.random.default_rng(3)
+    (root / "cats").mkdir(parents=True)
+    (root / "dogs" / "sub").mkdir(parents=True)
+    (root / ".hidden").mkdir()
+    Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(root / "cats" / "a.png")
+    wide = np.zeros((20, 60, 3), np.uint8)  # red | green | blue thirds: the centre crop is all green
+    wide[:, :20, 0] = wide[:, 20:40, 1] = wide[:, 40:, 2] = 255
+    Image.fromarray(wide).save(root / "cats" / "wide photo (1).png")
+    (root / "cats" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    Image.fromarray(rng.integers(0, 256, (30, 30), dtype=np.uint8)).save(root / "dogs" / "grey.bmp")
+    Image.fromarray(rng.integers(0, 256, (18, 18, 4), dtype=np.uint8)).save(
+        root / "dogs" / "sub" / "alpha.webp"
+    )
+    Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).convert("P").save(
+        root / "dogs" / "sub" / "p.gif"
+    )
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
+        root / "dogs" / "c.JPEG", quality=90
+    )
+    (root / "dogs" / "notes.txt").write_text("not an image")
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / ".hidden" / "x.png")
+
+
+# --------------------------------------------------------------------------------------------- sources
+
+
+def test_tiny_shards_fixture(tiny_shards: str) -> None:
+    samples = check_set(Path(tiny_shards), (16, 16, 3))
+    m = json.loads((Path(tiny_shards) / "manifest.json").read_text())
+    assert m["splits"]["train"]["count"] + m["splits"]["val"]["count"] == 300
+    assert 30 < m["splits"]["val"]["count"] < 90 and len(m["splits"]["train"]["shards"]) >= 5
+    assert m["labels"]["names"] == ["square", "ellipse", "triangle", "heart"]
+    assert m["args"]["val_fraction"] == 0.2 and m["skipped"] == []
+    for smp in samples["train"][:20]:
+        assert smp["cls"] == smp["json"]["shape"]
+        assert smp["npy"].std() > 0  # a shape on a background, not a blank image
+
+
+def test_synthetic_is_independent_of_worker_count(tmp_path: Path) -> None:
+    args = ("--source", "synthetic:150", "--size", "12", "--shard-size", "20")
+    m1 = shard(tmp_path / "w1", *args, workers=1)
+    m2 = shard(tmp_path / "w2", *args, workers=2)
+    assert file_hashes(tmp_path / "w1") == file_hashes(tmp_path / "w2")
+    assert m1 == m2 and len(m1["splits"]["train"]["shards"]) == -(-m1["splits"]["train"]["count"] // 20) > 2
+
+
+def test_imagefolder(tmp_path: Path) -> None:
+    make_imagefolder(tmp_path / "pets")
+    m = shard(
+        tmp_path / "out",
+        "--source",
+        f"imagefolder:{tmp_path / 'pets'}",
+        "--size",
+        "16",
+        "--val-fraction",
+        "0",
+    )
+    assert m["labels"] == {"num_classes": 2, "names": ["cats", "dogs"]}
+    assert m["factors"] is None and m["args"]["size"] == 16 and m["args"]["channels"] == 3
+    assert [s["path"] for s in m["skipped"]] == [str(tmp_path / "pets" / "cats" / "broken.jpg")]
+    assert m["splits"]["train"]["count"] == 6 and m["splits"]["val"]["count"] == 0
+    samples = check_set(tmp_path / "out", (16, 16, 3))["train"]
+    by_key = {s["__key__"]: s for s in samples}
+    assert sorted(k.rsplit("-", 1)[0] for k in by_key) == [
+        "cats_a_png",
+        "cats_wide_photo__1__png",
+        "dogs_c_JPEG",
+        "dogs_grey_bmp",
+        "dogs_sub_alpha_webp",
+        "dogs_sub_p_gif",
+    ]
+    for key, smp in by_key.items():
+        assert smp["cls"] == (0 if key.startswith("cats") else 1)
+    wide = next(s["npy"] for k, s in by_key.items() if k.startswith("cats_wide"))
+    assert wide[8, 8].tolist() == [0, 255, 0] and wide[:, 4:12, 1].min() > 200  # centre crop, not squashed
+
+
+def test_imagefolder_loose_files_without_classes(tmp_path: Path) -> None:
+    (tmp_path / "flat").mkdir()
+    for k in range(5):
+        Image.new("L", (10 + k, 10), color=40 * k).save(tmp_path / "flat" / f"img{k}.png")
+    m = shard(
+        tmp_path / "out", "--source", f"imagefolder:{tmp_path / 'flat'}", "--size", "8", "--channels", "1"
+    )
+    assert m["labels"] is None and m["skipped"] == []
+    samples = check_set(tmp_path / "out", (8, 8, 1))
+    assert all("cls" not in s for split in samples.values() for s in split)
+
+
+def test_idx_official_split_and_resize(tmp_path: Path) -> None:
+    arrays = make_idx_dir(tmp_path / "idx")
+    m = shard(tmp_path / "out", "--source", f"mnist:{tmp_path / 'idx'}", "--shard-size", "5")
+    assert (m["splits"]["train"]["count"], m["splits"]["val"]["count"]) == (12, 5)
+    assert m["labels"]["names"] == [str(d) for d in range(10)] and m["args"]["val_fraction"] is None
+    samples = check_set(tmp_path / "out", (8, 8, 1))
+    images = {"train": arrays["train-images-idx3-ubyte.gz"], "test": arrays["t10k-images-idx3-ubyte"]}
+    labels = {"train": arrays["train-labels-idx1-ubyte"], "test": arrays["t10k-labels-idx1-ubyte.gz"]}
+    for split, prefix in (("train", "train"), ("val", "test")):
+        for smp in samples[split]:
+            pre, idx = smp["__key__"].split("-")
+            assert pre == prefix
+            np.testing.assert_array_equal(smp["npy"][..., 0], images[prefix][int(idx)])
+            assert smp["cls"] == labels[prefix][int(idx)]
+    # With --val-fraction the official split is ignored: membership by key hash over train + test.
+    shard(tmp_path / "hashed", "--source", f"mnist:{tmp_path / 'idx'}", "--val-fraction", "0.5")
+    keys = [f"train-{i:05d}" for i in range(12)] + [f"test-{i:05d}" for i in range(5)]
+    val = [s["__key__"] for s in read_back(tmp_path / "hashed", "val")]
+    assert sorted(val) == sorted(k for k in keys if in_val(k, 0.5)) and 0 < len(val) < 17
+    m = shard(
+        tmp_path / "rgb", "--source", f"fashion-mnist:{tmp_path / 'idx'}", "--size", "16", "--channels", "3"
+    )
+    assert m["labels"]["names"] == FASHION_MNIST_NAMES
+    check_set(tmp_path / "rgb", (16, 16, 3))
+
+
+def test_cifar10(tmp_path: Path) -> None:
+    train, test = make_cifar_dir(tmp_path / "data" / "cifar-10-batches-py")
+    m = shard(tmp_path / "out", "--source", f"cifar10:{tmp_path / 'data'}")
+    assert (m["splits"]["train"]["count"], m["splits"]["val"]["count"]) == (10, 3)
+    assert m["labels"]["names"][0] == "airplane"
+    samples = check_set(tmp_path / "out", (32, 32, 3))
+    smp = next(s for s in samples["val"] if s["__key__"] == "test-00001")
+    np.testing.assert_array_equal(smp["npy"], test[1].reshape(3, 32, 32).transpose(1, 2, 0))
+    assert len({s["__key__"] for s in samples["train"]}) == len(train)
+
+
+def test_fashion_mnist_real(fmnist_shards: str) -> None:
+    m = json.loads((Path(fmnist_shards) / "manifest.json").read_text())
+    assert (m["splits"]["train"]["count"], m["splits"]["val"]["count"]) == (514, 86)
+    assert m["labels"]["names"] == FASHION_MNIST_NAMES and len(m["splits"]["train"]["shards"]) == 6
+    samples = check_set(Path(fmnist_shards), (28, 28, 1))
+    assert all(s["__key__"].startswith("test-") for s in samples["val"])
+    assert len({s["cls"] for s in samples["train"]}) == 10  # the seeded order mixes the classes
+    assert 60 < np.mean([s["npy"].mean() for s in samples["train"]]) < 90  # real clothes, not noise
+
+
+# --------------------------------------------------------------------------------------------- splits, formats
+
+
+def test_membership_is_stable_across_seeds(tmp_path: Path) -> None:
+    args = ("--source", "synthetic:200", "--size", "8", "--shard-size", "50", "--val-fraction", "0.25")
+    shard(tmp_path / "s0", *args, "--seed", "0")
+    shard(tmp_path / "s1", *args, "--seed", "1")
+    keys = {
+        s: {split: [x["__key__"] for x in read_back(tmp_path / s, split)] for split in ("train", "val")}
+        for s in ("s0", "s1")
+    }
+    for split in ("train", "val"):
+        assert sorted(keys["s0"][split]) == sorted(keys["s1"][split])
+        assert keys["s0"][split] != keys["s1"][split]  # same members, another order
+    assert all(in_val(k, 0.25) for k in keys["s0"]["val"]) and 30 < len(keys["s0"]["val"]) < 70
+
+
+def test_png_and_jpg_encodings(tmp_path: Path) -> None:
+    base = ("--source", "synthetic:20", "--size", "16", "--val-fraction", "0")
+    shard(tmp_path / "npy", *base)
+    shard(tmp_path / "png", *base, "--format", "png")
+    shard(tmp_path / "jpg", *base, "--format", "jpg", "--jpeg-quality", "90")
+    png = list(wds.WebDataset(str(tmp_path / "png" / "train-000000.tar"), shardshuffle=False).decode("rgb8"))
+    jpg = list(wds.WebDataset(str(tmp_path / "jpg" / "train-000000.tar"), shardshuffle=False).decode("rgb8"))
+    for a, p, j in zip(read_back(tmp_path / "npy", "train"), png, jpg, strict=True):
+        assert a["__key__"] == p["__key__"] == j["__key__"]
+        np.testing.assert_array_equal(a["npy"], p["png"])
+        assert np.abs(a["npy"].astype(int) - j["jpg"].astype(int)).mean() < 12
+
+
+def test_tar_writer_matches_tarfile() -> None:
+    members = [("k-1.npy", b"x" * 1000), ("k-1.cls", b"3"), ("a" * 80 + ".json", b"{}"), ("e.npy", b"")]
+    ref = io.BytesIO()
+    with tarfile.open(fileobj=ref, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = (
+                len(data),
+                0,
+                0o644,
+                0,
+                0,
+                "",
+                "",
+            )
+            tar.addfile(info, io.BytesIO(data))
+    ours = io.BytesIO()
+    writer = TarWriter(ours)  # type: ignore[arg-type]
+    for name, data in members:
+        writer.add(name, data)
+    writer.close()
+    assert ours.getvalue() == ref.getvalue()
+    assert (
+        writer.pos == len(ref.getvalue())
+        and writer.sha.hexdigest() == hashlib.sha256(ref.getvalue()).hexdigest()
+    )
+
+
+def test_overwrite_replaces_the_old_set(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    shard(out, "--source", "synthetic:60", "--size", "8", "--shard-size", "10")
+    (out / "train-000001.tar.tmp").write_bytes(b"left by a crash")
+    m = shard(out, "--source", "synthetic:60", "--size", "8", "--shard-size", "100", "--overwrite")
+    names = [s["name"] for split in m["splits"].values() for s in split["shards"]]
+    assert sorted(p.name for p in out.iterdir()) == sorted(names + ["manifest.json"])
+
+
+# --------------------------------------------------------------------------------------------- bad input
+
+
+def _bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "mine.txt").write_text("precious")
+    (tmp_path / "set").mkdir()
+    (tmp_path / "set" / "manifest.json").write_text("{}")
+    (tmp_path / "set" / "keep.txt").write_text("precious")
+    (tmp_path / "badidx").mkdir()
+    for name in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ):
+        (tmp_path / "badidx" / name).write_bytes(b"\x00\x00\x08\x03" + b"\x00" * 12 + b"junk")
+    (tmp_path / "magic").mkdir()
+    write_idx(tmp_path / "magic" / "train-images-idx3-ubyte", np.zeros(4, np.uint8))  # a label file
+    write_idx(tmp_path / "magic" / "train-labels-idx1-ubyte", np.zeros(4, np.uint8))
+    return [
+        (["--source", "pixels:3"], "unknown source"),
+        (["--source", f"fashion-mnist:{tmp_path / 'magic'}"], "not an IDX3 ubyte file"),
+        (["--source", f"imagefolder:{tmp_path / 'nope'}"], "not a directory"),
+        (["--source", f"imagefolder:{tmp_path / 'empty'}"], "no images"),
+        (["--source", f"mnist:{tmp_path / 'empty'}"], "missing train-images-idx3-ubyte"),
+        (["--source", f"mnist:{tmp_path / 'badidx'}"], "header says shape"),
+        (["--source", f"cifar10:{tmp_path / 'empty'}"], "data_batch_1"),
+        (["--source", "synthetic:zero"], "positive integer"),
+        (["--source", "synthetic:10", "--val-fraction", "1"], "--val-fraction"),
+        (["--source", "synthetic:10", "--val-fraction", "-0.1"], "--val-fraction"),
+        (["--source", "synthetic:10", "--channels", "2"], "--channels"),
+        (["--source", "synthetic:10", "--shard-size", "0"], "--shard-size"),
+        (["--source", "synthetic:10", "--download"], "--download"),
+        (["--source", "synthetic:10", "--task-index", "2", "--num-tasks", "2"], "--task-index"),
+        (["--out", str(tmp_path / "full"), "--source", "synthetic:10"], "not empty"),
+        (["--out", str(tmp_path / "full"), "--source", "synthetic:10", "--overwrite"], "mine.txt"),
+        (["--out", str(tmp_path / "set"), "--source", "synthetic:10", "--overwrite"], "keep.txt"),
+        (["--finalize", "--out", str(tmp_path / "empty")], "part-0.json"),
+    ]
+
+
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    cases = _bad_inputs(tmp_path)
+    before = file_hashes_tree(tmp_path)
+    for argv, needle in cases:
+        if "--out" not in argv:
+            argv = [*argv, "--out", str(tmp_path / "new")]
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("vaejob.shard: error: ") and needle in err, (argv, err)
+        assert file_hashes_tree(tmp_path) == before, argv
+        assert not (tmp_path / "new").exists()
+
+
+def file_hashes_tree(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in root.rglob("*")
+        if p.is_file()
+    }
+
+
+def test_cli_entry_point(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    run = [sys.executable, "-m", "vaejob.shard", "--source", "synthetic:30", "--size", "8", "--workers", "2"]
+    cp = subprocess.run(run, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert cp.returncode == 0, cp.stderr
+    assert cp.stdout.count("\n") == 1 and "-> shards/synthetic" in cp.stdout  # default --out
+    assert (tmp_path / "shards" / "synthetic" / "manifest.json").is_file()
+    cp = subprocess.run(run[:5], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert cp.returncode == 2 and cp.stderr.count("\n") == 1 and "--overwrite" in cp.stderr
+
+
+# --------------------------------------------------------------------------------------------- job arrays
+
+
+def test_task_array_and_finalize_match_a_single_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    make_imagefolder(tmp_path / "pets")
+    for src in ("synthetic:130", f"imagefolder:{tmp_path / 'pets'}"):
+        args = (
+            "--source",
+            src,
+            "--size",
+            "8",
+            "--shard-size",
+            "3" if "pets" in src else "20",
+            "--val-fraction",
+            "0.3",
+        )
+        single, array = tmp_path / "single", tmp_path / "array"
+        shard(single, *args, "--overwrite")
+        for i in (2, 0):  # tasks in any order; the finalize check below catches the missing one
+            assert (
+                main([*args, "--out", str(array), "--task-index", str(i), "--num-tasks", "3", "--overwrite"])
+                == 0
+            )
+        assert not (array / "manifest.json").exists()
+        assert main(["--finalize", "--out", str(array)]) == 2 and "part-1.json" in capsys.readouterr().err
+        assert (
+            main([*args, "--out", str(array), "--task-index", "1", "--num-tasks", "3", "--workers", "2"]) == 0
+        )
+        assert main(["--finalize", "--out", str(array)]) == 0
+        assert file_hashes(single) == file_hashes(array) and not (array / "parts").exists()
+        for d in (single, array):
+            for p in d.iterdir():
+                p.unlink()

@@ -1,0 +1,325 @@
+"""The training job in real processes: DDP over gloo via `accelerate launch`, resume, signals, AMP, W&B files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from tests.util import REPO, cpu_env, launch_cmd, metrics, run, tiny_overrides, wandb_records, wandb_runs
+from vaejob.shard import main as shard_main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    """600 synthetic 16x16 RGB images with shape labels: big enough to learn, small enough for seconds."""
+    out = tmp_path_factory.mktemp("shards") / "synth"
+    code = shard_main(
+        [
+            "--source",
+            "synthetic:600",
+            "--out",
+            str(out),
+            "--size",
+            "16",
+            "--shard-size",
+            "100",
+            "--workers",
+            "1",
+        ]
+    )
+    assert code == 0
+    return str(out)
+
+
+def train(
+    shards: str, run_dir: Path, nproc: int = 1, env: dict | None = None, **kw
+) -> subprocess.CompletedProcess:
+    cp = run(launch_cmd(nproc) + tiny_overrides(shards, run_dir, **kw), env=env)
+    return cp
+
+
+def steps(run_dir: Path, split: str = "train") -> list[int]:
+    return [r["step"] for r in metrics(run_dir, split)]
+
+
+PROBE = """
+import json, sys, torch
+from vaejob.config import load_config
+from vaejob.train import Trainer
+trainer = Trainer(load_config(None, sys.argv[2:]))
+code = trainer.fit()
+params = torch.cat([p.detach().flatten() for p in trainer.unwrapped.parameters()])
+out = {"rank": trainer.rank, "world": trainer.world, "code": code, "params": params.double().tolist()[:4000],
+       "batches": len(trainer.train_loader)}
+json.dump(out, open(sys.argv[1] + f"/rank{trainer.rank}.json", "w"))
+"""
+
+
+def test_ddp_two_ranks_identical_weights_and_learning(shards, tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    run_dir = tmp_path / "run"
+    cmd = (
+        launch_cmd(2, str(probe))
+        + [str(tmp_path)]
+        + tiny_overrides(shards, run_dir, **{"train.max_steps": 40})
+    )
+    cp = run(cmd)
+    assert cp.returncode == 0, cp.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1))
+    assert (
+        r0["world"] == r1["world"] == 2
+    )  # the ENVIRONMENT.md trap: two processes that each think they are alone
+    assert {r0["rank"], r1["rank"]} == {0, 1}
+    assert r0["batches"] == r1["batches"]
+    assert np.array_equal(r0["params"], r1["params"])  # DDP kept the replicas identical
+    train_losses = [r["loss"] for r in metrics(run_dir, "train")]
+    assert np.mean(train_losses[-3:]) < 0.9 * np.mean(train_losses[:3])  # it learns
+    assert steps(run_dir) == list(range(2, 41, 2))
+    val = metrics(run_dir, "val")
+    assert [v["step"] for v in val] == [10, 20, 30, 40]
+    manifest = json.loads((Path(shards) / "manifest.json").read_text())
+    assert all(v["count"] == manifest["splits"]["val"]["count"] for v in val)  # every val image once
+    assert all(abs(v["nelbo"] - (v["recon"] + v["kl"])) < 1e-6 for v in val)
+    # checkpoints: kept the last 3, each complete with both ranks' RNG states and safetensors weights
+    ckpts = sorted(os.listdir(run_dir / "checkpoints"))
+    assert ckpts == ["step_00000020", "step_00000030", "step_00000040"]
+    files = set(os.listdir(run_dir / "checkpoints" / "step_00000040"))
+    assert {"model.safetensors", "trainer_state.json", "random_states_0.pkl", "random_states_1.pkl"} <= files
+    weights = load_file(str(run_dir / "checkpoints" / "step_00000040" / "model.safetensors"))
+    flat = torch.cat([weights[k].flatten() for k in weights])
+    assert flat.numel() >= 4000 or np.allclose(sorted(flat.tolist()), sorted(r0["params"]))
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "completed"
+
+
+def _final_params(run_dir: Path) -> dict[str, torch.Tensor]:
+    ckpts = sorted((run_dir / "checkpoints").iterdir())
+    return load_file(str(ckpts[-1] / "model.safetensors"))
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    pa, pb = _final_params(a), _final_params(b)
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], rtol=1e-5, atol=1e-6)
+    ma, mb = metrics(a), metrics(b)
+    assert [(r["step"], r["split"]) for r in ma] == [(r["step"], r["split"]) for r in mb]  # no gap, no repeat
+    for ra, rb in zip(ma, mb, strict=True):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4), ra["step"]
+
+
+def test_resume_after_crash_matches_straight_run(shards, tmp_path):
+    kw = {"train.max_steps": 30, "data.num_workers": 2}
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    assert train(shards, straight, **kw).returncode == 0
+    # A run killed hard (SIGKILL, no chance to clean up) once its step-10 checkpoint exists.
+    proc = subprocess.Popen(
+        launch_cmd(1) + tiny_overrides(shards, crashed, **kw, **{"train.checkpoint_every": 10}),
+        env=cpu_env(),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while not (crashed / "checkpoints" / "step_00000010" / "trainer_state.json").exists():
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    cp = train(shards, crashed, **kw, **{"run.resume": "auto"})
+    assert cp.returncode == 0, cp.stderr[-3000:]
+    assert "resumed from" in cp.stderr
+    _assert_same_run(straight, crashed)
+    # one W&B run id across the crash, in two offline run dirs (one per process lifetime)
+    runs = wandb_runs(crashed)
+    assert len(runs) == 2 and len({r.rsplit("-", 1)[1] for r in runs}) == 1
+
+
+def test_sigusr1_checkpoints_and_exits_75_then_resumes_exactly_two_ranks(shards, tmp_path):
+    kw = {
+        "train.max_steps": 40,
+        "train.checkpoint_every": 1000,
+        "train.eval_every": 20,
+        "train.sample_every": 20,
+    }
+    straight, preempted = tmp_path / "straight", tmp_path / "preempted"
+    cp = train(shards, straight, nproc=2, **kw)
+    assert cp.returncode == 0, cp.stderr[-3000:]
+    proc = subprocess.Popen(
+        launch_cmd(2) + tiny_overrides(shards, preempted, **kw),
+        env=cpu_env(),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.time() + 120
+    while not (preempted / "metrics.jsonl").exists() or len(steps(preempted)) < 5:
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    # What SLURM does before preemption: signal the training processes (both ranks here; one rank is enough).
+    workers = subprocess.run(
+        ["pgrep", "-f", f"run.dir={preempted}"], capture_output=True, text=True
+    ).stdout.split()
+    for pid in workers:
+        if int(pid) != proc.pid:
+            os.kill(int(pid), signal.SIGUSR1)
+    _, err = proc.communicate(timeout=120)
+    state = json.loads((preempted / "status.json").read_text())
+    assert state["state"] == "preempted", err[-3000:]
+    stopped_at = state["step"]
+    assert 10 <= stopped_at < 40
+    assert (preempted / "checkpoints" / f"step_{stopped_at:08d}" / "trainer_state.json").exists()
+    assert "exiting 75" in err
+    cp = train(shards, preempted, nproc=2, **kw)  # run.resume=auto is the default
+    assert cp.returncode == 0, cp.stderr[-3000:]
+    _assert_same_run(straight, preempted)
+
+
+def test_single_process_sigterm_exit_code(shards, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        launch_cmd(1)
+        + tiny_overrides(shards, run_dir, **{"train.max_steps": 100000, "train.checkpoint_every": 1000}),
+        env=cpu_env(),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while not (run_dir / "metrics.jsonl").exists() or len(steps(run_dir)) < 2:
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 75
+    step = json.loads((run_dir / "status.json").read_text())["step"]
+    assert (run_dir / "checkpoints" / f"step_{step:08d}").is_dir()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_paths_are_finite(shards, tmp_path, precision):
+    run_dir = tmp_path / precision
+    cp = train(
+        shards,
+        run_dir,
+        **{"train.mixed_precision": precision, "train.max_steps": 10, "wandb.mode": "disabled"},
+    )
+    assert cp.returncode == 0, cp.stderr[-3000:]
+    records = metrics(run_dir)
+    assert records and all(np.isfinite(r["loss"]) for r in records)
+    assert not (run_dir / "wandb").exists()  # disabled writes nothing
+
+
+def test_outputs_samples_plots_and_wandb_files(shards, tmp_path):
+    run_dir = tmp_path / "run"
+    secret = "vaejob-test-secret-0123456789abcdef"
+    env = cpu_env(WANDB_API_KEY=secret)
+    cp = run(launch_cmd(1) + tiny_overrides(shards, run_dir, **{"wandb.tags": "[unit]"}), env=env)
+    assert cp.returncode == 0, cp.stderr[-3000:]
+    summary = json.loads(cp.stdout.strip().splitlines()[-1])
+    assert summary["step"] == 20
+    for step in (10, 20):
+        d = run_dir / "samples" / f"step_{step:08d}"
+        arr = np.load(d / "samples.npy")
+        assert arr.shape == (16, 16, 16, 3) and arr.dtype == np.uint8
+        assert Image.open(d / "samples.png").size[0] > 16 * 3
+        assert Image.open(d / "recon.png").size[1] > 16
+        assert json.loads((d / "meta.json").read_text())["step"] == step
+    # fixed seed: the same z every time, so step grids differ only because the model changed
+    assert not np.array_equal(
+        np.load(run_dir / "samples" / "step_00000010" / "samples.npy"),
+        np.load(run_dir / "samples" / "step_00000020" / "samples.npy"),
+    )
+    for name in ("loss_curves", "latent_scatter", "interpolation"):
+        assert Image.open(run_dir / "plots" / f"{name}.png").size[0] > 100
+    cfg_dump = (run_dir / "config.yaml").read_text()
+    assert "batch_size: 8" in cfg_dump
+
+    (offline,) = wandb_runs(run_dir)
+    records = wandb_records(offline)
+    run_rec = next(r for r in records if r["type"] == "run")["run"]
+    assert run_rec["run_id"] == (run_dir / "wandb_id.txt").read_text().strip()
+    assert "unit" in json.dumps(run_rec.get("tags", []))
+    history = [r["history"]["item"] for r in records if r["type"] == "history"]
+    train_steps = [h["trainer/step"] for h in history if "train/loss" in h]
+    assert train_steps == steps(run_dir)
+    logged = {h["trainer/step"]: h["train/loss"] for h in history if "train/loss" in h}
+    assert logged == {r["step"]: pytest.approx(r["loss"]) for r in metrics(run_dir, "train")}
+    assert any("val/nelbo" in h for h in history)
+    image_keys = {k.split(".")[0] for h in history for k in h if k.endswith("._type")}
+    assert {"images/samples", "images/recon", "images/loss_curves", "images/latent_scatter"} <= image_keys
+    images = list(Path(offline).glob("files/media/images/**/*.png"))
+    assert len(images) >= 4
+    # the API key never reaches the run dir: config dump, metrics, W&B files, logs
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+    assert secret not in cp.stdout + cp.stderr
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(shards, tmp_path):
+    run_dir = tmp_path / "run"
+    cp = train(
+        shards,
+        run_dir,
+        **{
+            "train.lr": 1e30,
+            "train.warmup_steps": 0,
+            "train.log_every": 1,
+            "train.checkpoint_every": 1,
+            "train.max_steps": 50,
+            "wandb.mode": "disabled",
+        },
+    )
+    assert cp.returncode == 3, cp.stderr[-2000:]
+    assert "non-finite loss at step" in cp.stderr
+    ckpts = sorted(os.listdir(run_dir / "checkpoints"))
+    bad_step = int(cp.stderr.split("non-finite loss at step ")[1].split(";")[0])
+    assert ckpts and int(ckpts[-1].split("_")[1]) < bad_step
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "failed"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train.bach_size=4"], "unknown config key 'train.bach_size' (did you mean 'train.batch_size'?)"),
+        (["train.lr=fast"], "config key 'train.lr' must be a number"),
+        (["train.mixed_precision=fp8"], "use one of no|bf16|fp16"),
+        (["train.max_steps=0"], "config key 'train.max_steps' must be > 0"),
+        (["--config", "configs/nope.yaml"], "config file 'configs/nope.yaml' not found"),
+        (["data.shards=/nonexistent/shards"], "/nonexistent/shards"),
+    ],
+)
+def test_bad_config_one_line_exit_2(shards, tmp_path, args, message):
+    overrides = [
+        a
+        for a in tiny_overrides(shards, tmp_path / "run")
+        if a.split("=")[0] not in {x.split("=")[0] for x in args}
+    ]
+    cp = run([sys.executable, str(REPO / "vaejob" / "train.py"), *overrides, *args], timeout=60)
+    assert cp.returncode == 2
+    lines = cp.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vaejob.train: error:") and message in lines[0], cp.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_never_refuses_to_clobber(shards, tmp_path):
+    run_dir = tmp_path / "run"
+    assert train(shards, run_dir, **{"train.max_steps": 10, "wandb.mode": "disabled"}).returncode == 0
+    cp = train(shards, run_dir, **{"run.resume": "never", "wandb.mode": "disabled"})
+    assert cp.returncode == 2
+    assert "run.resume=never" in cp.stderr and "already holds checkpoints" in cp.stderr

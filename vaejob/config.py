@@ -1,0 +1,290 @@
+"""Typed job configuration: dataclasses, YAML files, dotted ``key=value`` overrides.
+
+Every problem (unknown key, wrong type, value out of range) raises ``ConfigError`` with one line that names
+the key and the fix, before anything heavy (data, model, processes) starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value; the message is one line for the user."""
+
+
+@dataclass
+class DataConfig:
+    shards: str = "shards/fashion-mnist"  # shard-set dir (or URL) with manifest.json
+    num_workers: int = 2  # loader worker processes per rank
+    shuffle_buffer: int = 2000
+    verify: bool = False  # sha256 every shard before training (slow on big sets)
+
+
+@dataclass
+class ModelConfig:
+    name: Literal["conv", "mlp"] = "conv"
+    latent_dim: int = 16
+    channels: list[int] = field(default_factory=lambda: [32, 64])  # conv: one stride-2 block each
+    kernel_size: int = 3
+    hidden_dim: int = 0  # conv: dense bottleneck before (mu, logvar); 0 = heads read the features
+    hidden_sizes: list[int] = field(default_factory=lambda: [400])  # mlp
+    activation: Literal["relu", "leaky_relu", "silu", "gelu", "elu"] = "relu"
+    norm: Literal["none", "batch", "group"] = "none"
+
+
+@dataclass
+class LossConfig:
+    likelihood: Literal["bernoulli", "gaussian"] = "bernoulli"
+    gaussian_std: float = 0.1  # fixed decoder std for the gaussian likelihood (pixels in [0,1])
+    beta: float = 1.0
+    beta_warmup_steps: int = 0  # beta ramps linearly from 0 over these steps
+    free_bits: float = 0.0  # nats per latent dim below which KL is not penalised (Kingma et al. 2016)
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 128  # per process
+    max_steps: int = 2000
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 0.0  # max global grad norm; 0 = off
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    compile: bool = False
+    channels_last: bool = False
+    num_threads: int = 0  # torch intra-op threads per process; 0 = leave the default
+    log_every: int = 50
+    eval_every: int = 500
+    checkpoint_every: int = 500
+    sample_every: int = 500
+    keep_checkpoints: int = 3
+    seed: int = 0
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_skipped_steps: int = 100  # with on_nonfinite=skip, stop after this many skipped steps
+    deterministic: bool = False  # torch.use_deterministic_algorithms (CPU runs are deterministic anyway)
+    progress: bool = True  # tqdm bar on rank 0
+
+
+@dataclass
+class SamplesConfig:
+    num: int = 64  # generated images per grid
+    seed: int = 1234  # fixed z, so grids are comparable across steps
+    recon: int = 16  # fixed val images shown over their reconstructions
+    root: str = ""  # where samples/ and plots/ go: a local path or fsspec URL; "" = run.dir
+    final_plots: bool = True
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/fashion_mnist"
+    resume: str = "auto"  # auto | never | PATH to a checkpoint dir
+
+
+@dataclass
+class WandbConfig:
+    mode: Literal["online", "offline", "disabled"] = "offline"
+    project: str = "vaejob"
+    entity: str = ""
+    group: str = ""
+    job_type: str = "train"
+    name: str = ""
+    tags: list[str] = field(default_factory=list)
+    log_images: bool = True
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    samples: SamplesConfig = field(default_factory=SamplesConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            choices = "|".join(str(a) for a in typing.get_args(tp))
+            raise ConfigError(f"config key '{key}' is {value!r}; use one of {choices}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list, e.g. {key}=[1,2], got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"config key '{key}' must be null")
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, bool | list | dict) or value is None:
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"config key '{key}' has an unsupported type {tp}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key '{dotted}'{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config section '{dotted}' must be a mapping, got {value!r}")
+            kwargs[key] = _build(tp, value, f"{dotted}.")
+        else:
+            kwargs[key] = _coerce(value, tp, dotted)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``train.lr=3e-4`` -> ("train.lr", 0.0003); values are parsed as YAML scalars/lists."""
+    if "=" not in text or text.startswith("="):
+        raise ConfigError(f"override '{text}' is not key=value (e.g. train.max_steps=1000)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str):
+        try:
+            value = float(value)  # PyYAML reads 3e-4 (no dot) as a string
+        except ValueError:
+            pass
+    return key.strip(), value
+
+
+def validate(cfg: Config) -> None:
+    t, m = cfg.train, cfg.model
+    positive = {
+        "train.batch_size": t.batch_size,
+        "train.max_steps": t.max_steps,
+        "train.log_every": t.log_every,
+        "train.eval_every": t.eval_every,
+        "train.checkpoint_every": t.checkpoint_every,
+        "train.sample_every": t.sample_every,
+        "train.keep_checkpoints": t.keep_checkpoints,
+        "model.latent_dim": m.latent_dim,
+        "model.kernel_size": m.kernel_size,
+        "samples.num": cfg.samples.num,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"config key '{key}' must be > 0, got {value}")
+    if not t.lr > 0:
+        raise ConfigError(f"config key 'train.lr' must be > 0, got {t.lr}")
+    if not 0 <= t.min_lr_ratio <= 1:
+        raise ConfigError(f"config key 'train.min_lr_ratio' must be in [0, 1], got {t.min_lr_ratio}")
+    if t.warmup_steps < 0 or t.grad_clip < 0 or t.num_threads < 0 or t.weight_decay < 0:
+        raise ConfigError("config keys train.warmup_steps/grad_clip/num_threads/weight_decay must be >= 0")
+    if len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas):
+        raise ConfigError(f"config key 'train.adam_betas' must be two numbers in [0, 1), got {t.adam_betas}")
+    if m.name == "conv" and not 1 <= len(m.channels) <= 5:
+        raise ConfigError(f"config key 'model.channels' needs 1 to 5 conv blocks, got {m.channels}")
+    if m.name == "conv" and m.kernel_size % 2 == 0:
+        raise ConfigError(f"config key 'model.kernel_size' must be odd, got {m.kernel_size}")
+    if any(c <= 0 for c in m.channels + m.hidden_sizes) or m.hidden_dim < 0:
+        raise ConfigError("config keys model.channels/hidden_sizes/hidden_dim must be positive")
+    if cfg.loss.beta < 0 or cfg.loss.free_bits < 0 or cfg.loss.beta_warmup_steps < 0:
+        raise ConfigError("config keys loss.beta/free_bits/beta_warmup_steps must be >= 0")
+    if not cfg.loss.gaussian_std > 0:
+        raise ConfigError(f"config key 'loss.gaussian_std' must be > 0, got {cfg.loss.gaussian_std}")
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"config key 'data.num_workers' must be >= 0, got {cfg.data.num_workers}")
+    if not cfg.data.shards:
+        raise ConfigError(
+            "config key 'data.shards' is empty; point it at a shard set (python -m vaejob.shard)"
+        )
+    if not cfg.run.dir:
+        raise ConfigError("config key 'run.dir' is empty; give the run a directory")
+    resume = cfg.run.resume
+    if resume not in ("auto", "never") and not os.path.isdir(resume):
+        raise ConfigError(
+            f"config key 'run.resume' is {resume!r}: use auto, never, or an existing checkpoint dir"
+        )
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file <- ``key=value`` overrides, then type and range checks."""
+    tree: dict[str, Any] = {}
+    if path:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file '{path}' not found; pick one from configs/ or pass a path")
+        try:
+            with open(path) as f:
+                loaded = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            line = getattr(getattr(e, "problem_mark", None), "line", None)
+            where = f" line {line + 1}" if line is not None else ""
+            raise ConfigError(f"config file '{path}'{where} is not valid YAML; fix the syntax") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(
+                f"config file '{path}' must be a mapping of sections (data:, model:, train:, ...)"
+            )
+        tree = loaded
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    cfg = _build(Config, tree, "")
+    validate(cfg)
+    return cfg

@@ -1,0 +1,143 @@
+"""VAE models: a convolutional VAE (the Keras/PyTorch notebooks' shape) and the classic MLP VAE.
+
+Both map images in [0,1] (N,C,H,W) to (mu, logvar) and latents back to per-pixel logits; the likelihood
+(Bernoulli or Gaussian) lives in ``vaejob.loss``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from vaejob.config import ModelConfig
+
+_ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "silu": nn.SiLU, "gelu": nn.GELU, "elu": nn.ELU}
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(math.gcd(8, channels), channels)
+    return nn.Identity()
+
+
+def _down_size(size: int, kernel: int) -> int:
+    """Output size of a stride-2 conv with 'same'-style padding k//2 (Keras padding='same')."""
+    return (size + 2 * (kernel // 2) - kernel) // 2 + 1
+
+
+class VAE(nn.Module):
+    """Encoder -> (mu, logvar); decoder z -> logits. Subclasses build ``encoder``/``decoder`` parts."""
+
+    latent_dim: int
+    image_shape: tuple[int, int, int]
+    encoder: nn.Module  # x -> features (N, F)
+    hidden: nn.Module  # features -> bottleneck activations (Identity when there is no bottleneck)
+    to_mu: nn.Linear
+    to_logvar: nn.Linear
+    decoder: nn.Module  # z -> logits (N, C, H, W)
+
+    def encode_hidden(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        h = self.hidden(self.encoder(x))
+        return self.to_mu(h), self.to_logvar(h), h
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        mu, logvar, _ = self.encode_hidden(x)
+        return mu, logvar
+
+    def decode(self, z: Tensor) -> Tensor:
+        return self.decoder(z)
+
+    @staticmethod
+    def reparameterize(mu: Tensor, logvar: Tensor) -> Tensor:
+        return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        mu, logvar = self.encode(x)
+        return self.decode(self.reparameterize(mu, logvar)), mu, logvar
+
+    @staticmethod
+    def mean_image(logits: Tensor) -> Tensor:
+        """The decoder's mean image in [0,1] (both likelihoods use a sigmoid mean)."""
+        return torch.sigmoid(logits.float())
+
+    @property
+    def has_bottleneck(self) -> bool:
+        return not isinstance(self.hidden, nn.Identity)
+
+
+class ConvVAE(VAE):
+    def __init__(self, cfg: ModelConfig, image_shape: tuple[int, int, int]):
+        super().__init__()
+        c, h, w = image_shape
+        self.latent_dim, self.image_shape = cfg.latent_dim, image_shape
+        act, k = _ACTIVATIONS[cfg.activation], cfg.kernel_size
+        sizes = [(h, w)]
+        layers: list[nn.Module] = []
+        prev = c
+        for ch in cfg.channels:
+            layers += [nn.Conv2d(prev, ch, k, stride=2, padding=k // 2), _norm(cfg.norm, ch), act()]
+            prev = ch
+            sizes.append((_down_size(sizes[-1][0], k), _down_size(sizes[-1][1], k)))
+        fh, fw = sizes[-1]
+        feat = prev * fh * fw
+        self.encoder = nn.Sequential(*layers, nn.Flatten())
+        self.hidden = (
+            nn.Sequential(nn.Linear(feat, cfg.hidden_dim), act()) if cfg.hidden_dim else nn.Identity()
+        )
+        head_in = cfg.hidden_dim or feat
+        self.to_mu, self.to_logvar = nn.Linear(head_in, cfg.latent_dim), nn.Linear(head_in, cfg.latent_dim)
+
+        # Decoder mirrors the encoder; output_padding picks the exact size each stride-2 conv came from.
+        dec: list[nn.Module] = [nn.Linear(cfg.latent_dim, feat), act(), nn.Unflatten(1, (prev, fh, fw))]
+        for i in range(len(cfg.channels) - 1, -1, -1):
+            (th, tw), (ih, iw) = sizes[i], sizes[i + 1]
+            base_h, base_w = (ih - 1) * 2 - 2 * (k // 2) + k, (iw - 1) * 2 - 2 * (k // 2) + k
+            out_ch = cfg.channels[i]
+            dec += [
+                nn.ConvTranspose2d(prev, out_ch, k, 2, k // 2, output_padding=(th - base_h, tw - base_w)),
+                _norm(cfg.norm, out_ch),
+                act(),
+            ]
+            prev = out_ch
+        dec.append(nn.Conv2d(prev, c, k, padding=k // 2))  # the notebooks' final stride-1 (transposed) conv
+        self.decoder = nn.Sequential(*dec)
+
+
+class MlpVAE(VAE):
+    def __init__(self, cfg: ModelConfig, image_shape: tuple[int, int, int]):
+        super().__init__()
+        self.latent_dim, self.image_shape = cfg.latent_dim, image_shape
+        act = _ACTIVATIONS[cfg.activation]
+        pixels = math.prod(image_shape)
+        enc: list[nn.Module] = [nn.Flatten()]
+        prev = pixels
+        for width in cfg.hidden_sizes:
+            enc += [nn.Linear(prev, width), act()]
+            prev = width
+        self.encoder = nn.Sequential(*enc)
+        self.hidden = nn.Identity()
+        self.to_mu, self.to_logvar = nn.Linear(prev, cfg.latent_dim), nn.Linear(prev, cfg.latent_dim)
+        dec: list[nn.Module] = []
+        prev = cfg.latent_dim
+        for width in reversed(cfg.hidden_sizes):
+            dec += [nn.Linear(prev, width), act()]
+            prev = width
+        dec += [nn.Linear(prev, pixels), nn.Unflatten(1, image_shape)]
+        self.decoder = nn.Sequential(*dec)
+
+
+def build_model(cfg: ModelConfig, image_shape: tuple[int, int, int]) -> VAE:
+    c, h, w = image_shape
+    if cfg.name == "conv":
+        min_side = 2 ** len(cfg.channels)
+        if min(h, w) < min_side:
+            raise ValueError(
+                f"model.channels has {len(cfg.channels)} stride-2 blocks but the images are {h}x{w}; "
+                "use fewer blocks or a larger --size"
+            )
+        return ConvVAE(cfg, image_shape)
+    return MlpVAE(cfg, image_shape)

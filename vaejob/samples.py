@@ -1,0 +1,278 @@
+"""Sample grids during training and diagnostic plots at the end, written through :mod:`vaejob.storage`.
+
+Runs on rank 0 with the unwrapped model, which must provide ``latent_dim``, ``image_shape`` (C, H, W),
+``encode(x) -> (mu, logvar)``, ``decode(z) -> logits`` and ``mean_image(logits) -> [0, 1] images``.
+Every function here puts the model in eval mode under ``torch.inference_mode`` and restores each module's
+previous mode afterwards; random latents come from a private CPU ``torch.Generator``, so the global RNG
+streams are untouched and the same seed gives the same latents on every device and at every step.
+
+``samples/step_XXXXXXXX/`` holds ``samples.png``, ``samples.npy`` (uint8 N×H×W×C), ``recon.png`` and
+``meta.json``, written last: a directory with ``meta.json`` is complete.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from vaejob import plots, storage
+
+SAMPLES_FORMAT = "vaejob-samples/1"
+RECON_NROW = 8
+INTERP_PAIRS = 8
+INTERP_STEPS = 10
+DECODE_BATCH = 256
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def to_uint8_nhwc(x: Tensor) -> np.ndarray:
+    """N×C×H×W images in [0, 1] (clamped) -> uint8 N×H×W×C numpy array on the CPU."""
+    if x.ndim != 4:
+        raise ValueError(f"expected N×C×H×W images, got shape {tuple(x.shape)}")
+    u8 = x.detach().float().clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8)
+    return u8.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+def _placement(model: torch.nn.Module, device: torch.device | str | None) -> tuple[torch.device, torch.dtype]:
+    """Device for inputs (``device`` or the parameters') and the parameters' floating dtype."""
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    dtype = param.dtype if param is not None else torch.float32
+    if device is None:
+        device = param.device if param is not None else torch.device("cpu")
+    return torch.device(device), dtype
+
+
+@contextmanager
+def _evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode + inference mode; restores every submodule's own ``training`` flag on exit."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _as_unit_float(images: Tensor) -> Tensor:
+    """Loader images (float in [0, 1], or uint8 when raw) as float in [0, 1]."""
+    return images.float().div(255.0) if images.dtype == torch.uint8 else images.float()
+
+
+def _decode_images(model: torch.nn.Module, z: Tensor) -> Tensor:
+    return model.mean_image(model.decode(z)).float()
+
+
+def _check_shape(model: torch.nn.Module, images: Tensor, what: str) -> None:
+    if tuple(images.shape[1:]) != tuple(model.image_shape):
+        raise ValueError(f"{what} have shape {tuple(images.shape[1:])}, model expects {model.image_shape}")
+
+
+def generate(
+    model: torch.nn.Module,
+    n: int,
+    seed: int,
+    device: torch.device | str | None = None,
+    temperature: float = 1.0,
+) -> Tensor:
+    """Decode ``n`` latents z ~ N(0, temperature² I) drawn from ``seed``; mean images (N×C×H×W, [0, 1]).
+
+    The latents are drawn on the CPU with a private generator and then moved, so a seed gives the same z
+    on any device and the global RNG state is not touched.
+    """
+    dev, dtype = _placement(model, device)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    z = torch.randn(n, model.latent_dim, generator=gen) * temperature
+    with _evaluating(model):
+        return _decode_images(model, z.to(dev, dtype))
+
+
+def reconstruct(model: torch.nn.Module, x: Tensor, device: torch.device | str | None = None) -> Tensor:
+    """Deterministic reconstructions decode(mu(x)) of images ``x`` (N×C×H×W in [0, 1]) as mean images."""
+    dev, dtype = _placement(model, device)
+    with _evaluating(model):
+        mu, _ = model.encode(_as_unit_float(x).to(dev, dtype))
+        return _decode_images(model, mu)
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def write_samples(
+    root: str,
+    step: int,
+    model: torch.nn.Module,
+    fixed_images: Tensor | None,
+    *,
+    n: int = 64,
+    seed: int = 0,
+    temperature: float = 1.0,
+    device: torch.device | str | None = None,
+) -> dict[str, Any]:
+    """Write ``root/samples/step_XXXXXXXX/`` and return what was written, for W&B.
+
+    Files: ``samples.png`` (grid of ``n`` samples from the fixed ``seed``), ``samples.npy`` (their uint8
+    N×H×W×C array), ``recon.png`` (rows of ``fixed_images`` over their reconstructions; skipped when
+    ``fixed_images`` is None or empty) and ``meta.json`` last. Returns ``dir``, ``meta``, ``samples``
+    (uint8 N×H×W×C), ``samples_grid`` / ``samples_png`` and, when written, ``recon_grid`` / ``recon_png``
+    (grids are uint8 H×W×C, PNGs bytes).
+    """
+    out_dir = storage.join(root, "samples", step_dir_name(step))
+    samples = to_uint8_nhwc(generate(model, n, seed, device, temperature))
+    samples_grid = plots.make_grid(samples, nrow=math.ceil(math.sqrt(n)))
+    samples_png = plots.to_png(samples_grid)
+    storage.atomic_write_bytes(storage.join(out_dir, "samples.png"), samples_png)
+    storage.atomic_write_bytes(storage.join(out_dir, "samples.npy"), _npy_bytes(samples))
+    files = ["samples.png", "samples.npy"]
+    result: dict[str, Any] = {"samples": samples, "samples_grid": samples_grid, "samples_png": samples_png}
+
+    num_recon = 0 if fixed_images is None else len(fixed_images)
+    if fixed_images is not None and num_recon:
+        _check_shape(model, fixed_images, "fixed_images")
+        originals = to_uint8_nhwc(_as_unit_float(fixed_images))
+        recons = to_uint8_nhwc(reconstruct(model, fixed_images, device))
+        recon_grid = plots.recon_grid(originals, recons, nrow=min(RECON_NROW, num_recon))
+        recon_png = plots.to_png(recon_grid)
+        storage.atomic_write_bytes(storage.join(out_dir, "recon.png"), recon_png)
+        files.append("recon.png")
+        result.update(recon_grid=recon_grid, recon_png=recon_png)
+
+    channels, height, width = model.image_shape
+    meta = {
+        "format": SAMPLES_FORMAT,
+        "step": int(step),
+        "n": int(n),
+        "seed": int(seed),
+        "temperature": float(temperature),
+        "image": {"channels": channels, "height": height, "width": width},
+        "latent_dim": int(model.latent_dim),
+        "num_recon": num_recon,
+        "files": files,
+    }
+    storage.atomic_write_json(storage.join(out_dir, "meta.json"), meta)
+    result.update(dir=out_dir, meta=meta)
+    return result
+
+
+def _encode_val(
+    model: torch.nn.Module,
+    val_batches: Iterable[Mapping[str, Tensor]],
+    max_points: int,
+    keep_images: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Posterior means and labels of up to ``max_points`` valid val images, plus the first ``keep_images``
+    of those images. Stops pulling batches as soon as ``max_points`` is reached."""
+    mus: list[Tensor] = []
+    labels: list[Tensor] = []
+    kept: list[Tensor] = []
+    count = num_kept = 0
+    for batch in val_batches if max_points > 0 else ():
+        images = batch["image"]
+        size = len(images)
+        valid = batch.get("valid", torch.ones(size, dtype=torch.bool)).to("cpu", torch.bool)
+        label = batch.get("label", torch.full((size,), -1, dtype=torch.int64)).to("cpu", torch.int64)
+        index = valid.nonzero().flatten()[: max_points - count]
+        if len(index) == 0:
+            continue
+        chosen = _as_unit_float(images[index.to(images.device)])
+        _check_shape(model, chosen, "val images")
+        mu, _ = model.encode(chosen.to(device, dtype))
+        mus.append(mu.float().cpu())
+        labels.append(label[index])
+        if num_kept < keep_images:
+            kept.append(chosen[: keep_images - num_kept].cpu())
+            num_kept += len(kept[-1])
+        count += len(index)
+        if count >= max_points:
+            break
+    if not mus:
+        empty = torch.zeros(0)
+        return empty.reshape(0, model.latent_dim), empty.long(), empty.reshape(0, *model.image_shape)
+    return torch.cat(mus), torch.cat(labels), torch.cat(kept)
+
+
+def _numpy_decoder(
+    model: torch.nn.Module, device: torch.device, dtype: torch.dtype
+) -> Callable[[np.ndarray], np.ndarray]:
+    def decode(z: np.ndarray) -> np.ndarray:
+        zt = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))
+        chunks = [
+            to_uint8_nhwc(_decode_images(model, part.to(device, dtype))) for part in zt.split(DECODE_BATCH)
+        ]
+        return np.concatenate(chunks)
+
+    return decode
+
+
+def _interpolation(
+    model: torch.nn.Module, mu: Tensor, images: Tensor, device: torch.device, dtype: torch.dtype
+) -> np.ndarray:
+    """Rows of decode((1 - t) mu_a + t mu_b), t = 0 ... 1, for consecutive pairs of val images, with the
+    two real images at the ends of each row."""
+    pairs = min(INTERP_PAIRS, len(images) // 2)
+    mu_a, mu_b = mu[0 : 2 * pairs : 2], mu[1 : 2 * pairs : 2]
+    t = torch.linspace(0.0, 1.0, INTERP_STEPS).view(1, -1, 1)
+    z = (1 - t) * mu_a[:, None] + t * mu_b[:, None]
+    frames = _numpy_decoder(model, device, dtype)(z.reshape(-1, model.latent_dim).numpy())
+    frames = frames.reshape(pairs, INTERP_STEPS, *frames.shape[1:])
+    ends = to_uint8_nhwc(images[: 2 * pairs]).reshape(pairs, 2, *frames.shape[2:])
+    return plots.interpolation_strip(frames, ends)
+
+
+def write_final_plots(
+    root: str,
+    model: torch.nn.Module,
+    val_batches: Iterable[Mapping[str, Tensor]],
+    records: Sequence[Mapping[str, Any]],
+    *,
+    label_names: Sequence[str] | None = None,
+    max_points: int = 5000,
+    device: torch.device | str | None = None,
+) -> dict[str, np.ndarray]:
+    """Write the end-of-training figures under ``root/plots/`` and return them as uint8 H×W×C arrays.
+
+    ``val_batches`` yields loader dicts (``image`` N×C×H×W in [0, 1] or uint8, ``label`` int64 with -1 =
+    none, ``valid`` bool); invalid rows are skipped and iteration stops once ``max_points`` images are
+    encoded, so pass an iterable that may be abandoned part-way. ``records`` are metrics.jsonl events.
+    Files (and keys): ``loss_curves.png``, ``latent_scatter.png`` and ``interpolation.png`` (when there are
+    at least 1 and 2 val images), ``manifold.png`` (only when ``latent_dim == 2``).
+    """
+    plots_dir = storage.join(root, "plots")
+    dev, dtype = _placement(model, device)
+    figures: dict[str, bytes] = {"loss_curves": plots.loss_curves(records)}
+    grids: dict[str, np.ndarray] = {}
+    with _evaluating(model):
+        mu, labels, images = _encode_val(model, val_batches, max_points, 2 * INTERP_PAIRS, dev, dtype)
+        if len(mu):
+            has_labels = bool((labels >= 0).any())
+            figures["latent_scatter"] = plots.latent_scatter(
+                mu.numpy(), labels.numpy() if has_labels else None, label_names
+            )
+        if model.latent_dim == 2:
+            grids["manifold"] = plots.manifold_grid(_numpy_decoder(model, dev, dtype))
+        if len(images) >= 2:
+            grids["interpolation"] = _interpolation(model, mu, images, dev, dtype)
+    out: dict[str, np.ndarray] = {}
+    for name, png in figures.items():
+        storage.atomic_write_bytes(storage.join(plots_dir, f"{name}.png"), png)
+        out[name] = plots.png_to_array(png)
+    for name, grid in grids.items():
+        storage.atomic_write_bytes(storage.join(plots_dir, f"{name}.png"), plots.to_png(grid))
+        out[name] = grid
+    return out
