@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from typing import Any
 
 import submitit
@@ -29,6 +30,7 @@ import submitit
 # After a stop on SIGTERM, how long to wait for the SIGUSR2 that asks for a requeue (submitit's
 # _interrupt() and Slurm's PreemptParameters=send_user_signal send it right after SIGTERM).
 REQUEUE_SIGNAL_WAIT_S = 60.0
+CRASH_WAIT_S = 10.0  # the same wait when training died instead of returning 75
 
 
 class Trainer:
@@ -36,7 +38,6 @@ class Trainer:
 
     def __init__(self, argv: list[str]):
         self.argv = list(argv)
-        self._requeue_requested = False
 
     def __call__(self) -> dict[str, Any]:
         env = submitit.JobEnvironment()
@@ -60,21 +61,49 @@ class Trainer:
             f"master {dist_env.master_addr}:{dist_env.master_port}",
             flush=True,
         )
-        requeue_handler = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue
-        signal.signal(signal.SIGUSR2, self._on_usr2(requeue_handler))
+        requeue = signal.getsignal(signal.SIGUSR2)  # submitit's handler: checkpoint() + scontrol requeue
+        state = {"asked": False, "done": False}
+
+        def on_usr2(signum: int, frame: Any) -> None:
+            state["asked"] = True
+            stop = signal.getsignal(signal.SIGUSR1)  # the training's own handler while it is in its loop
+            if callable(stop):  # stop after this step, at a checkpoint
+                stop(signal.SIGUSR1, frame)
+            elif not state["done"] and callable(requeue):  # not training yet: nothing newer to save
+                requeue(signum, frame)
+
+        def requeue_asked(wait_s: float) -> bool:
+            deadline = time.monotonic() + wait_s
+            while not state["asked"] and time.monotonic() < deadline:
+                time.sleep(0.2)
+            return state["asked"] and callable(requeue)
+
+        signal.signal(signal.SIGUSR2, on_usr2)
         try:
-            code = train.main(self.argv)
+            try:
+                code = train.main(self.argv)
+            except Exception:
+                state["done"] = True
+                # Slurm's SIGTERM reaches every process of the step, the loader workers and the W&B service
+                # included, so training can crash instead of stopping cleanly. If a requeue was asked for,
+                # the newest checkpoint is still good: resume from it.
+                if not requeue_asked(CRASH_WAIT_S):
+                    raise
+                traceback.print_exc()
+                print(
+                    "[submit.py] training died after a requeue request: requeueing",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                code = train.EXIT_PREEMPTED
+            state["done"] = True
             if code == train.EXIT_PREEMPTED:
-                deadline = time.monotonic() + REQUEUE_SIGNAL_WAIT_S
-                while not self._requeue_requested and time.monotonic() < deadline:
-                    time.sleep(0.2)
-                if not self._requeue_requested or not callable(requeue_handler):
+                if not requeue_asked(REQUEUE_SIGNAL_WAIT_S):
                     raise RuntimeError(
                         "training stopped at a checkpoint on SIGTERM/SIGUSR1 (exit 75) and nobody asked for a "
                         "requeue: submit again with the same run.dir to continue"
                     )
-                # Rank 0: calls checkpoint(), `scontrol requeue`, exits. Other ranks: returns at once.
-                requeue_handler(signal.SIGUSR2, None)
+                requeue(signal.SIGUSR2, None)  # rank 0: checkpoint(), requeue, exit; other ranks: returns
             elif code != train.EXIT_OK:
                 raise RuntimeError(
                     f"vaejob.train exited with {code} (2: bad config or data, 3: non-finite loss); "
@@ -82,18 +111,7 @@ class Trainer:
                 )
             return {"rank": dist_env.rank, "exit_code": code}
         finally:
-            signal.signal(signal.SIGUSR2, requeue_handler)
-
-    def _on_usr2(self, requeue_handler: Any):
-        def handler(signum: int, frame: Any) -> None:
-            self._requeue_requested = True
-            stop = signal.getsignal(signal.SIGUSR1)
-            if callable(stop):  # training is in its loop: stop after this step at a checkpoint
-                stop(signal.SIGUSR1, frame)
-            elif callable(requeue_handler):  # not training (yet): nothing newer than the last checkpoint
-                requeue_handler(signum, frame)
-
-        return handler
+            signal.signal(signal.SIGUSR2, requeue)
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
         # Training has already written its checkpoint; run.resume=auto picks it up in the same run.dir.

@@ -48,22 +48,31 @@ if ! command -v accelerate >/dev/null; then
 fi
 
 nnodes=${SLURM_NNODES:-1}
-gpus=${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-0}}
-gpus=${gpus##*:} # SLURM_GPUS_PER_NODE may read "a100:4"
+# GPUs per node: --gpus-per-node sets the first two ("a100:4" form possible), --gres=gpu:N the third.
+gpus=${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-}}
+if [ -z "$gpus" ] && [ -n "${SLURM_JOB_GPUS:-}" ]; then gpus=$(tr ',' '\n' <<<"$SLURM_JOB_GPUS" | wc -l); fi
+gpus=${gpus:-0}
+gpus=${gpus##*:}
+if ! [[ "$gpus" =~ ^[0-9]+$ ]]; then
+  echo "[train.sh] cannot read the GPU count from '$gpus': set VAEJOB_PROCS_PER_NODE" >&2
+  exit 2
+fi
 if [ "$gpus" -gt 0 ]; then procs=${VAEJOB_PROCS_PER_NODE:-$gpus}; else procs=${VAEJOB_PROCS_PER_NODE:-1}; fi
 world=$((nnodes * procs))
 master=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
 port=$((15000 + SLURM_JOB_ID % 15000)) # same for every node, below the ephemeral range, stable across requeues
 cpus=${SLURM_CPUS_PER_TASK:-1}
+step_cpus=() # since Slurm 22.05 srun no longer inherits --cpus-per-task: pass it on, or each node gets 1 CPU
+if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then step_cpus=(--cpus-per-task="$SLURM_CPUS_PER_TASK"); fi
 
 if [ "$gpus" -eq 0 ]; then
   export ACCELERATE_USE_CPU=1 # without it, --multi_gpu on a CPU node starts processes that never sync
 fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((cpus / procs > 0 ? cpus / procs : 1))}
 export MASTER_ADDR=$master MASTER_PORT=$port
-export TORCH_NCCL_ASYNC_ERROR_HANDLING=1 NCCL_ASYNC_ERROR_HANDLING=1 # a dead rank aborts, not hangs
-# accelerate's launcher must not act on SIGTERM itself (it would kill the ranks 30 s later, checkpoint
-# or not): the training processes handle it and the launcher exits when they do.
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=1 # a failed NCCL collective aborts the ranks instead of hanging
+# accelerate's launcher (torch elastic) must not act on SIGTERM: it would pass it on and SIGKILL the ranks
+# 30 s later, checkpoint written or not. The ranks handle it; the launcher exits when they do.
 export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT
 export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
 
@@ -91,7 +100,7 @@ trap 'forward TERM' TERM
 # training processes until they install their handlers) ignore USR1/TERM instead of dying on them.
 # srun --wait: once one node's launcher has exited, the others get 60 s, then the step is killed.
 # shellcheck disable=SC2016
-srun --nodes="$nnodes" --ntasks-per-node=1 --cpus-per-task="$cpus" --wait=60 \
+srun --nodes="$nnodes" --ntasks-per-node=1 "${step_cpus[@]}" --wait=60 \
   bash -c 'trap "" USR1 TERM; exec accelerate launch --machine_rank "$SLURM_NODEID" "$@"' vaejob \
   "${launch[@]}" -m vaejob.train "$@" run.resume=auto &
 srun_pid=$!

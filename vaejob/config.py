@@ -255,11 +255,6 @@ def validate(cfg: Config) -> None:
         )
     if not cfg.run.dir:
         raise ConfigError("config key 'run.dir' is empty; give the run a directory")
-    resume = cfg.run.resume
-    if resume not in ("auto", "never") and not os.path.isdir(resume):
-        raise ConfigError(
-            f"config key 'run.resume' is {resume!r}: use auto, never, or an existing checkpoint dir"
-        )
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -42,6 +42,7 @@ import math
 import os
 import random
 import re
+import time
 import zlib
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -327,14 +328,23 @@ class _TarStream:
             n -= got
             self.base += got
 
+    # take / drop / member run ~3x per sample: each has a fast path for data already in the buffer.
     def take(self, size: int) -> bytes:
         """A member's payload; its block padding is consumed too."""
+        pos, step = self.pos, size + (-size % _BLOCK)
+        if self.end - pos >= step:
+            self.pos = pos + step
+            return bytes(self.view[pos : pos + size])
         data = self.read_exact(size)
-        self.skip(-size % _BLOCK)
+        self.skip(step - size)
         return data
 
     def drop(self, size: int) -> None:
-        self.skip(size + (-size % _BLOCK))
+        step = size + (-size % _BLOCK)
+        if self.end - self.pos >= step:
+            self.pos += step
+        else:
+            self.skip(step)
 
     def member(self) -> tuple[str, int] | None:
         """Name and size of the next regular file (payload not consumed); None at the end of the archive.
@@ -345,23 +355,31 @@ class _TarStream:
         name_override: str | None = None
         size_override: int | None = None
         while True:
-            start = self.offset
-            hdr = self.read(_BLOCK)
-            if len(hdr) < _BLOCK:
-                if hdr:
-                    self.read_exact(_BLOCK - len(hdr))
-                return None  # no end-of-archive blocks: lenient like tarfile; counts are checked anyway
+            pos = self.pos
+            if self.end - pos >= _BLOCK:
+                hdr = bytes(self.view[pos : pos + _BLOCK])
+                self.pos = pos + _BLOCK
+            else:
+                hdr = self.read(_BLOCK)
+                if len(hdr) < _BLOCK:
+                    if hdr:
+                        self.read_exact(_BLOCK - len(hdr))
+                    return None  # no end-of-archive blocks: lenient like tarfile; counts are checked anyway
             if hdr == _ZERO_BLOCK:
                 return None
+            try:  # common case: octal digits ended by NUL / space
+                stored = int(hdr[148:156].replace(b"\0", b" "), 8)
+                size = int(hdr[124:136].replace(b"\0", b" "), 8)
+            except ValueError:
+                at = self.offset - _BLOCK
+                stored, size = _octal(hdr[148:156], self.url, at), _octal(hdr[124:136], self.url, at)
             # Checksum = byte sum with its own field read as spaces. adler32's low half is (1 + byte sum)
             # mod 65521: the sum at C speed (~20x cheaper than sum()); one damaged byte can never wrap.
-            stored = _number(hdr[148:156], self.url, start)
             if ((zlib.adler32(hdr) & 0xFFFF) - 1 - sum(hdr[148:156]) + 256 - stored) % 65521:
                 raise DataError(
-                    f"corrupt tar header in {self.url} at byte {start} (checksum mismatch); "
+                    f"corrupt tar header in {self.url} at byte {self.offset - _BLOCK} (checksum mismatch); "
                     "the shard is damaged, re-copy it or re-create the shard set"
                 )
-            size = _number(hdr[124:136], self.url, start)
             kind = hdr[156:157]
             if kind in (b"0", b"\0", b"7"):
                 if name_override is None:
@@ -371,7 +389,7 @@ class _TarStream:
                     name_override = name.decode("utf-8", "replace")
                 return name_override, size if size_override is None else size_override
             if kind == b"x":
-                for key, value in _pax(self.take(size), self.url, start):
+                for key, value in _pax(self.take(size), self.url, self.offset):
                     if key == "path":
                         name_override = value
                     elif key == "size":
@@ -380,13 +398,6 @@ class _TarStream:
                 name_override = self.take(size).split(b"\0", 1)[0].decode("utf-8", "replace")
             else:
                 self.drop(size)
-
-
-def _number(field: bytes, url: str, offset: int) -> int:
-    try:
-        return int(field.replace(b"\0", b" "), 8)  # common case: octal digits, NUL/space terminated
-    except ValueError:
-        return _octal(field, url, offset)
 
 
 def _octal(field: bytes, url: str, offset: int) -> int:
@@ -485,25 +496,32 @@ class _Decoder:
 
     def _npy(self, url: str, key: str, data: bytes) -> np.ndarray:
         c, h, w = self.shape
-        if data[:6] != b"\x93NUMPY" or data[6] not in (1, 2, 3):
-            raise DataError(f"{key}.npy in {url} is not a .npy file; re-create the shard set")
-        head = 10 if data[6] == 1 else 12
-        end = head + int.from_bytes(data[8:head], "little")
-        if data[:end] != self._npy_ok:
-            try:
-                meta = ast.literal_eval(data[head:end].decode("latin1"))
-                dtype, fortran, shape = np.dtype(meta["descr"]), meta["fortran_order"], tuple(meta["shape"])
-            except (ValueError, SyntaxError, KeyError, TypeError):
-                raise DataError(f"{key}.npy in {url} has a corrupt header; re-create the shard set") from None
-            if dtype != np.uint8 or fortran or shape not in ((h, w, c), (h, w) if c == 1 else (h, w, c)):
-                raise DataError(
-                    f"{key}.npy in {url} holds {dtype} {shape}{' (Fortran order)' if fortran else ''}, the "
-                    f"manifest says uint8 {(h, w, c)}; re-create the shard set"
-                )
-            self._npy_ok = data[:end]
+        ok = self._npy_ok
+        # Every sample of a set has the same header: a prefix match with the last validated one suffices.
+        end = len(ok) if ok and data.startswith(ok) else self._npy_header(url, key, data)
         if len(data) - end != h * w * c:
             raise DataError(f"{key}.npy in {url} has {len(data) - end} data bytes, expected {h * w * c}")
         return np.frombuffer(data, np.uint8, count=h * w * c, offset=end).reshape(h, w, c)
+
+    def _npy_header(self, url: str, key: str, data: bytes) -> int:
+        """Validate a .npy header against the manifest; returns the offset of the array data."""
+        c, h, w = self.shape
+        if data[:6] != b"\x93NUMPY" or len(data) < 12 or data[6] not in (1, 2, 3):
+            raise DataError(f"{key}.npy in {url} is not a .npy file; re-create the shard set")
+        head = 10 if data[6] == 1 else 12
+        end = head + int.from_bytes(data[8:head], "little")
+        try:
+            meta = ast.literal_eval(data[head:end].decode("latin1"))
+            dtype, fortran, shape = np.dtype(meta["descr"]), meta["fortran_order"], tuple(meta["shape"])
+        except (ValueError, SyntaxError, KeyError, TypeError):
+            raise DataError(f"{key}.npy in {url} has a corrupt header; re-create the shard set") from None
+        if dtype != np.uint8 or fortran or shape not in ((h, w, c), (h, w) if c == 1 else (h, w, c)):
+            raise DataError(
+                f"{key}.npy in {url} holds {dtype} {shape}{' (Fortran order)' if fortran else ''}, the "
+                f"manifest says uint8 {(h, w, c)}; re-create the shard set"
+            )
+        self._npy_ok = data[:end]
+        return end
 
     def _pil(self, url: str, key: str, data: bytes) -> np.ndarray:
         c, h, w = self.shape
@@ -521,14 +539,15 @@ class _Decoder:
             )
         return arr.reshape(h, w, c)
 
-    def collate(self, samples: list[Raw | None], with_keys: bool) -> dict[str, Any]:
-        n, (c, h, w) = len(samples), self.shape
-        images = np.zeros((n, c, h, w), np.uint8)
+    def collate(self, samples: list[Raw | None], images: np.ndarray, with_keys: bool) -> dict[str, Any]:
+        """Decode ``samples`` into ``images`` (N, C, H, W) uint8; returns labels, valid mask (and keys)."""
+        n = len(samples)
         labels = np.full(n, -1, np.int64)
         valid = np.zeros(n, np.bool_)
         keys = []
         for i, s in enumerate(samples):
             if s is None:  # val padding
+                images[i] = 0
                 keys.append("")
                 continue
             url, key, members = s
@@ -543,14 +562,38 @@ class _Decoder:
                     ) from None
             valid[i] = True
             keys.append(key)
-        batch: dict[str, Any] = {
-            "image": torch.from_numpy(images),
-            "label": torch.from_numpy(labels),
-            "valid": torch.from_numpy(valid),
-        }
+        batch: dict[str, Any] = {"label": labels, "valid": valid}
         if with_keys:
             batch["key"] = keys
         return batch
+
+
+class _Slots:
+    """A ring of ``depth`` batch buffers per worker in shared memory, mapped by the consumer before the
+    workers start: a worker fills a slot and sends only its number, the consumer reads it in place.
+
+    Sending a fresh shared tensor per batch instead costs ~2x the CPU of the whole read+decode (new shm
+    file, page faults on both sides, a file-descriptor hand-over). A worker reuses a slot only after the
+    consumer has released it; with ``depth`` > prefetch_factor + 1 the DataLoader's bound on tasks in
+    flight means that wait never happens, it is a guard.
+    """
+
+    def __init__(self, workers: int, depth: int, shape: tuple[int, int, int, int]) -> None:
+        self.depth = depth
+        self.images = torch.empty((workers, depth, *shape), dtype=torch.uint8).share_memory_()
+        self.released = torch.zeros(workers, dtype=torch.int64).share_memory_()  # batches done, per worker
+
+    def acquire(self, worker: int, index: int) -> np.ndarray:
+        while int(self.released[worker]) <= index - self.depth:
+            time.sleep(0.0005)
+        return self.images[worker, index % self.depth].numpy()
+
+    def release(self, worker: int, index: int) -> None:
+        self.released[worker] = index + 1
+
+    def release_all(self) -> None:
+        """Unblock every worker (the consumer stops early): nothing is read from the slots any more."""
+        self.released.fill_(2**62)
 
 
 # ---------------------------------------------------------------------------------------------- planning
@@ -648,7 +691,13 @@ def _shuffled(items: Iterable[Raw], size: int, rng: random.Random) -> Iterator[R
 
 
 def _run_stream(
-    s: _Stream, decoder: _Decoder, batch_size: int, shuffle_buffer: int, with_keys: bool
+    s: _Stream,
+    decoder: _Decoder,
+    batch_size: int,
+    shuffle_buffer: int,
+    with_keys: bool,
+    slots: _Slots | None,
+    worker: int,
 ) -> Iterator[dict[str, Any]]:
     raw: Iterable[Raw] = chain.from_iterable(_read_segment(*seg, decoder.wanted) for seg in s.segments)
     if s.seed is not None and shuffle_buffer > 1:
@@ -656,24 +705,45 @@ def _run_stream(
     samples: Iterator[Raw | None] = chain(raw, repeat(None, s.pad))
     for _ in range(s.skip * batch_size):  # fast-forward: the raw bytes go by undecoded
         next(samples)
-    for _ in range(s.batches):
+    c, h, w = decoder.shape
+    for index in range(s.batches):
         chunk = list(islice(samples, batch_size))
         if len(chunk) != batch_size:
             raise DataError(f"shards ended early ({s.segments[-1][0]}); re-create the shard set")
-        yield decoder.collate(chunk, with_keys)
+        if slots is None:  # single process: a fresh array per batch
+            images = np.empty((batch_size, c, h, w), np.uint8)
+            yield {"image": images, **decoder.collate(chunk, images, with_keys)}
+        else:
+            images = slots.acquire(worker, index)
+            yield {"worker": worker, "index": index, **decoder.collate(chunk, images, with_keys)}
 
 
 class _EpochDataset(IterableDataset):
     def __init__(
-        self, streams: list[_Stream], decoder: _Decoder, batch_size: int, shuffle_buffer: int, with_keys: bool
+        self,
+        streams: list[_Stream],
+        decoder: _Decoder,
+        batch_size: int,
+        shuffle_buffer: int,
+        with_keys: bool,
+        slots: _Slots | None,
     ) -> None:
-        self.streams, self.decoder = streams, decoder
+        self.streams, self.decoder, self.slots = streams, decoder, slots
         self.batch_size, self.shuffle_buffer, self.with_keys = batch_size, shuffle_buffer, with_keys
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        stream = self.streams[0 if info is None else info.id]
-        return _run_stream(stream, self.decoder, self.batch_size, self.shuffle_buffer, self.with_keys)
+        worker = 0 if info is None else info.id
+        slots = None if info is None else self.slots
+        return _run_stream(
+            self.streams[worker],
+            self.decoder,
+            self.batch_size,
+            self.shuffle_buffer,
+            self.with_keys,
+            slots,
+            worker,
+        )
 
 
 # ------------------------------------------------------------------------------------------------ loader
@@ -706,6 +776,7 @@ class ShardLoader:
         self.raw, self.pin_memory, self.prefetch_factor = raw, pin_memory, prefetch_factor
         self.with_keys = with_keys
         self._decoder = _Decoder(shards.encoding, shards.image_shape)
+        self._slots: _Slots | None = None
         if len(self) == 0:
             raise DataError(
                 f"split {split!r} of {shards.root} has {self.split.count} samples, fewer than "
@@ -781,40 +852,80 @@ class ShardLoader:
             )
             # Fewer batches left than workers: only the first workers have any (see _plan's rotation).
             workers = min(self.num_workers, len(self) - start)
+            slots = self._slots_for_epoch() if workers > 0 else None
             dataset = _EpochDataset(
-                plans, self._decoder, self.batch_size, self.shuffle_buffer, self.with_keys
+                plans, self._decoder, self.batch_size, self.shuffle_buffer, self.with_keys, slots
             )
-            pin = self.pin_memory and self.raw and torch.cuda.is_available()
             loader = DataLoader(
                 dataset,
                 batch_size=None,
                 num_workers=workers,
-                pin_memory=pin,
                 persistent_workers=False,
                 prefetch_factor=self.prefetch_factor if workers > 0 else None,
                 # Its own generator: iterating must not draw from the global torch RNG, or a resumed job
                 # (which starts a fresh iterator mid-epoch) would see different noise than a straight run.
                 generator=torch.Generator(),
+                collate_fn=_as_is,
             )
+            batches = iter(loader)
+            error = None
             try:
-                for batch in loader:
-                    if not self.raw:
-                        batch["image"] = _to_float(batch["image"])
-                        if self.pin_memory and torch.cuda.is_available():
-                            batch["image"] = batch["image"].pin_memory()
+                for batch in batches:
+                    out = {
+                        "label": torch.from_numpy(batch["label"]),
+                        "valid": torch.from_numpy(batch["valid"]),
+                    }
+                    if slots is None:
+                        out["image"] = self._output_images(batch["image"], owned=True)
+                    else:
+                        worker, index = batch["worker"], batch["index"]
+                        out["image"] = self._output_images(slots.images[worker, index % slots.depth].numpy())
+                        slots.release(worker, index)
+                    if self.with_keys:
+                        out["key"] = batch["key"]
                     self.batch += 1  # counted when the consumer receives it, not when prefetched
-                    yield batch
+                    yield out
             except DataError as e:  # a worker's error arrives wrapped in a traceback: keep its message
-                raise DataError(_last_line(str(e))) from None
+                error = _last_line(str(e))
+            finally:
+                if slots is not None:
+                    slots.release_all()
+                # Shut the workers down now (before the slots are reused, and not whenever a traceback
+                # that references the DataLoader iterator happens to be collected).
+                batches._shutdown_workers()
+            if error is not None:
+                raise DataError(error)
         self.epoch += 1
         self.batch = 0
 
+    def _slots_for_epoch(self) -> _Slots:
+        shape = (self.batch_size, *self.image_shape)
+        depth = self.prefetch_factor + 2
+        if self._slots is None or self._slots.images.shape != (self.num_workers, depth, *shape):
+            self._slots = _Slots(self.num_workers, depth, shape)
+        self._slots.released.zero_()
+        return self._slots
 
-def _to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 -> float32 / 255, bit-identical to ``images.float() / 255``. numpy does it in one
+    def _output_images(self, images: np.ndarray, owned: bool = False) -> torch.Tensor:
+        """The consumer's copy of a uint8 batch: float32 / 255 unless raw; pinned when asked (CUDA)."""
+        pin = self.pin_memory and torch.cuda.is_available()
+        if not self.raw:
+            out = torch.from_numpy(_to_float(images))
+            return out.pin_memory() if pin else out
+        if pin:
+            return torch.from_numpy(images).pin_memory()  # the pinned copy is the consumer's own
+        return torch.from_numpy(images if owned else images.copy())
+
+
+def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
+    return batch
+
+
+def _to_float(images: np.ndarray) -> np.ndarray:
+    """uint8 -> float32 / 255, bit-identical to ``tensor.float() / 255``. numpy does it in one
     single-threaded pass into recycled heap memory; torch's two passes over fresh pages cost ~5x more
     here, mostly page faults and OpenMP spinning next to the busy workers."""
-    return torch.from_numpy(np.divide(images.numpy(), np.float32(255), dtype=np.float32))
+    return np.divide(images, np.float32(255), dtype=np.float32)
 
 
 def _last_line(message: str) -> str:

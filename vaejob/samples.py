@@ -12,6 +12,7 @@ streams are untouched and the same seed gives the same latents on every device a
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -28,6 +29,8 @@ SAMPLES_FORMAT = "vaejob-samples/1"
 RECON_NROW = 8
 INTERP_PAIRS = 8
 INTERP_STEPS = 10
+TRAVERSAL_SPAN = 3.0
+TRAVERSAL_STEPS = 11
 DECODE_BATCH = 256
 
 
@@ -79,6 +82,20 @@ def _check_shape(model: torch.nn.Module, images: Tensor, what: str) -> None:
         raise ValueError(f"{what} have shape {tuple(images.shape[1:])}, model expects {model.image_shape}")
 
 
+def item_generator(seed: int, item: str | int) -> torch.Generator:
+    """A private CPU generator seeded by ``(seed, item)``, ``item`` a sample key or global index: noise that
+    belongs to one sample, so it is the same whatever the batching, the rank count or the device."""
+    digest = hashlib.sha256(f"{seed}:{item}".encode()).digest()
+    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "big") >> 1)
+
+
+def decode_latents(model: torch.nn.Module, z: Tensor, device: torch.device | str | None = None) -> Tensor:
+    """Mean images (N×C×H×W float in [0, 1]) of latents ``z``, decoded in eval and inference mode."""
+    dev, dtype = _placement(model, device)
+    with _evaluating(model):
+        return _decode_images(model, z.to(dev, dtype))
+
+
 def generate(
     model: torch.nn.Module,
     n: int,
@@ -91,11 +108,9 @@ def generate(
     The latents are drawn on the CPU with a private generator and then moved, so a seed gives the same z
     on any device and the global RNG state is not touched.
     """
-    dev, dtype = _placement(model, device)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     z = torch.randn(n, model.latent_dim, generator=gen) * temperature
-    with _evaluating(model):
-        return _decode_images(model, z.to(dev, dtype))
+    return decode_latents(model, z, device)
 
 
 def reconstruct(model: torch.nn.Module, x: Tensor, device: torch.device | str | None = None) -> Tensor:
@@ -233,6 +248,43 @@ def _interpolation(
     frames = frames.reshape(pairs, INTERP_STEPS, *frames.shape[1:])
     ends = to_uint8_nhwc(images[: 2 * pairs]).reshape(pairs, 2, *frames.shape[2:])
     return plots.interpolation_strip(frames, ends)
+
+
+def interpolation_grid(
+    model: torch.nn.Module, images: Tensor, device: torch.device | str | None = None
+) -> np.ndarray:
+    """Interpolation rows (uint8 grid, as in ``write_final_plots``) between consecutive pairs of ``images``
+    (N×C×H×W, N >= 2, float in [0, 1] or uint8)."""
+    dev, dtype = _placement(model, device)
+    x = _as_unit_float(images).cpu()
+    _check_shape(model, x, "images")
+    with _evaluating(model):
+        mu, _ = model.encode(x.to(dev, dtype))
+        return _interpolation(model, mu.float().cpu(), x, dev, dtype)
+
+
+def latent_traversal(
+    model: torch.nn.Module,
+    image: Tensor,
+    dims: Sequence[int],
+    *,
+    span: float = TRAVERSAL_SPAN,
+    steps: int = TRAVERSAL_STEPS,
+    device: torch.device | str | None = None,
+) -> np.ndarray:
+    """A uint8 grid with one row per latent dimension ``d`` in ``dims``: decode(mu(image) + v e_d) for
+    ``steps`` values v from -span to span (the other dimensions stay at the image's posterior mean)."""
+    dev, dtype = _placement(model, device)
+    x = _as_unit_float(image[None]).cpu()
+    _check_shape(model, x, "image")
+    with _evaluating(model):
+        mu, _ = model.encode(x.to(dev, dtype))
+        z = mu.float().cpu().repeat(len(dims), steps, 1)  # (rows, steps, D)
+        offsets = torch.linspace(-span, span, steps)
+        for row, d in enumerate(dims):
+            z[row, :, d] += offsets
+        frames = _numpy_decoder(model, dev, dtype)(z.reshape(-1, model.latent_dim).numpy())
+    return plots.make_grid(frames, steps)
 
 
 def write_final_plots(

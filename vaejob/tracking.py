@@ -54,18 +54,23 @@ def truncate_metrics(path: str, last_step: int) -> None:
 class Tracker:
     """Rank-0 logger; on other ranks every method is a no-op."""
 
-    def __init__(self, cfg: Config, run_id: str, enabled: bool, resume_step: int | None):
+    def __init__(
+        self, cfg: Config, run_id: str, enabled: bool, resume_step: int | None, write_metrics: bool = True
+    ):
+        """``write_metrics=False`` attaches to the run's W&B run only (evaluation leaves metrics.jsonl alone)."""
         self.enabled = enabled
         self.run_id = run_id
         self.path = os.path.join(cfg.run.dir, "metrics.jsonl")
         self.wandb = None
+        self._file = None
         if not enabled:
             return
-        if resume_step is not None:
-            truncate_metrics(self.path, resume_step)
-        elif os.path.exists(self.path):
-            os.remove(self.path)  # a fresh run in a reused dir starts a fresh log
-        self._file = open(self.path, "a", buffering=1)
+        if write_metrics:
+            if resume_step is not None:
+                truncate_metrics(self.path, resume_step)
+            elif os.path.exists(self.path):
+                os.remove(self.path)  # a fresh run in a reused dir starts a fresh log
+            self._file = open(self.path, "a", buffering=1)
         if cfg.wandb.mode != "disabled":
             self.wandb = self._init_wandb(cfg, run_id)
 
@@ -99,7 +104,8 @@ class Tracker:
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self._file.write(json.dumps(record) + "\n")
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             split = record.get("split", "train")
             payload = {f"{split}/{k}": v for k, v in record.items() if k not in ("step", "split")}
@@ -122,7 +128,8 @@ class Tracker:
     def finish(self, exit_code: int = 0) -> None:
         if not self.enabled:
             return
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self.wandb is not None:
             self.wandb.finish(exit_code=exit_code)
             self.wandb = None

@@ -134,6 +134,7 @@ class Trainer:
             "wandb_run_id": self.run_id,
             "skipped_steps": self.skipped_steps,
             "world_size": self.world,
+            "image_shape": list(self.image_shape),
         }
 
     # -- resume -------------------------------------------------------------------------------------------
@@ -148,6 +149,10 @@ class Trainer:
             return None
         if r == "auto":
             return checkpoint.latest_checkpoint(self.cfg.run.dir)
+        if not os.path.isfile(os.path.join(r, checkpoint.STATE_FILE)):
+            raise ConfigError(
+                f"run.resume={r!r} is not a complete checkpoint dir; use auto, never or a step_XXXXXXXX dir"
+            )
         return r
 
     def restore(self) -> int | None:

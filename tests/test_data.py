@@ -1,0 +1,416 @@
+"""`vaejob.data` on real shard sets: values, DDP splitting in 2 real processes, exact resume, fail-fast."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from tests.util import REPO, cpu_env
+from vaejob import data
+from vaejob.data import DataError, make_loader, open_shards
+from vaejob.shard import main as shard_main
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _shard(out: Path, *args: str) -> str:
+    assert shard_main([*args, "--out", str(out), "--workers", "1"]) == 0
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def few_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Fewer shards than 2 ranks x 2 workers: about 80 train images in 2 shards, 20 val in 1."""
+    out = tmp_path_factory.mktemp("few") / "synthetic"
+    return _shard(
+        out, "--source", "synthetic:100", "--size", "8", "--shard-size", "50", "--val-fraction", "0.2"
+    )
+
+
+@pytest.fixture(scope="module")
+def png_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
+    out = tmp_path_factory.mktemp("png") / "synthetic"
+    return _shard(out, "--source", "synthetic:60", "--size", "12", "--shard-size", "16", "--format", "png")
+
+
+def manifest(root: str | Path) -> dict[str, Any]:
+    return json.loads((Path(root) / "manifest.json").read_text())
+
+
+def urls(root: str | Path, split: str) -> list[str]:
+    return [str(Path(root) / s["name"]) for s in manifest(root)["splits"][split]["shards"]]
+
+
+def reference(root: str | Path) -> dict[str, tuple[np.ndarray, int]]:
+    """Every sample as plain webdataset decodes it: key -> (H, W, C uint8, label)."""
+    out = {}
+    for s in wds.WebDataset(urls(root, "train") + urls(root, "val"), shardshuffle=False).decode("rgb8"):
+        image = s.get("npy", s.get("png"))
+        out[s["__key__"]] = (np.asarray(image).reshape(*np.asarray(image).shape[:2], -1), int(s["cls"]))
+    return out
+
+
+def shard_keys(root: str | Path, split: str) -> dict[str, str]:
+    """key -> shard name."""
+    out = {}
+    for url in urls(root, split):
+        with tarfile.open(url) as tar:
+            out.update({m.name.split(".")[0]: Path(url).name for m in tar.getmembers()})
+    return out
+
+
+def keys_of(loader: Any, limit: int | None = None) -> list[list[str]]:
+    """The valid keys of each batch the loader yields (all of the epoch, or the first ``limit``)."""
+    out = []
+    for batch in loader:
+        out.append([k for k, v in zip(batch["key"], batch["valid"].tolist(), strict=True) if v])
+        if len(out) == limit:
+            break
+    return out
+
+
+def flat(batches: list[list[str]]) -> list[str]:
+    return [k for b in batches for k in b]
+
+
+# ---------------------------------------------------------------------------------------------- values
+
+
+@pytest.mark.parametrize("fixture", ["tiny_shards", "png_shards", "fmnist_shards"])
+def test_values_match_webdataset(fixture: str, request: pytest.FixtureRequest) -> None:
+    root = request.getfixturevalue(fixture)
+    ref = reference(root)
+    m = manifest(root)
+    shape = (m["image"]["channels"], m["image"]["height"], m["image"]["width"])
+    for split, workers in (("train", 2), ("val", 0)):
+        seen = []
+        for raw in (True, False):
+            loader = make_loader(
+                root, split, 8, num_workers=workers, raw=raw, with_keys=True, rank=0, world_size=1
+            )
+            assert loader.image_shape == shape and loader.num_classes == m["labels"]["num_classes"]
+            for batch in loader:
+                images, labels, valid = batch["image"], batch["label"], batch["valid"]
+                assert images.shape == (8, *shape) and images.is_contiguous()
+                assert images.dtype == (torch.uint8 if raw else torch.float32)
+                assert labels.dtype == torch.int64 and valid.dtype == torch.bool
+                if not raw:
+                    assert 0.0 <= images.min() and images.max() <= 1.0
+                for key, image, label, ok in zip(batch["key"], images, labels, valid, strict=True):
+                    if not ok:  # val padding
+                        assert key == "" and label == -1 and not image.any()
+                        continue
+                    expected = torch.from_numpy(ref[key][0].copy()).permute(2, 0, 1)
+                    if not raw:
+                        expected = expected.float() / 255
+                    assert torch.equal(image, expected), key
+                    assert label == ref[key][1]
+                    seen.append(key)
+        assert len(seen) == len(set(seen)) * 2  # each key once per pass
+        expected_count = m["splits"][split]["count"]
+        assert len(set(seen)) == (expected_count if split == "val" else expected_count // 8 * 8)
+
+
+def test_shard_order_per_epoch(tiny_shards: str) -> None:
+    owner = shard_keys(tiny_shards, "train")
+
+    def order(epoch: int, seed: int = 5) -> list[str]:
+        loader = make_loader(tiny_shards, "train", 8, seed=seed, epoch=epoch, num_workers=0, shuffle_buffer=1,
+                             with_keys=True, rank=0, world_size=1)  # fmt: skip
+        names = [owner[k] for k in flat(keys_of(loader))]
+        return [n for i, n in enumerate(names) if i == 0 or names[i - 1] != n]
+
+    orders = [order(e) for e in range(4)]
+    assert all(sorted(o) == sorted(set(owner.values())) for o in orders)  # each shard read once, in one run
+    assert len({tuple(o) for o in orders}) > 1  # the permutation changes with the epoch...
+    assert order(2) == orders[2]  # ...and is a function of (seed, epoch)
+    assert order(2, seed=6) != orders[2] or order(3, seed=6) != orders[3]
+    val = make_loader(tiny_shards, "val", 8, num_workers=0, with_keys=True, rank=0, world_size=1)
+    assert flat(keys_of(val)) == list(shard_keys(tiny_shards, "val"))  # val: manifest order, unshuffled
+
+
+# ----------------------------------------------------------------------------------------- two processes
+
+DDP_SCRIPT = """
+import json, sys
+import torch.distributed as dist
+from vaejob.data import make_loader
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+assert world == 2, world
+
+def epoch(loader):
+    out = []
+    for b in loader:
+        assert len(b["key"]) == 8 and b["image"].shape[0] == 8
+        out.append([k for k, v in zip(b["key"], b["valid"].tolist()) if v])
+    return out
+
+result = {"world": world}
+for name, root in zip(("few", "tiny"), sys.argv[2:]):
+    train = make_loader(root, "train", 8, seed=3, num_workers=2, with_keys=True, raw=True)
+    again = make_loader(root, "train", 8, seed=3, num_workers=2, with_keys=True, raw=True)
+    val = make_loader(root, "val", 8, num_workers=2, with_keys=True)
+    result[name] = {
+        "len_train": len(train), "len_val": len(val),
+        "train": [epoch(train), epoch(train)], "train_again": epoch(again), "val": epoch(val),
+    }
+dist.barrier()
+with open(f"{sys.argv[1]}/rank{rank}.json", "w") as f:
+    json.dump(result, f)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_two_ranks(tmp_path: Path, few_shards: str, tiny_shards: str) -> None:
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = cpu_env(PYTHONPATH=str(REPO))
+    proc = subprocess.run([*cmd, str(script), str(tmp_path), few_shards, tiny_shards],
+                          env=env, capture_output=True, text=True, timeout=240, cwd=REPO)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world"] for r in ranks] == [2, 2]
+
+    for name, root in (("few", few_shards), ("tiny", tiny_shards)):
+        m = manifest(root)
+        r0, r1 = ranks[0][name], ranks[1][name]
+        n_train, n_val = m["splits"]["train"]["count"], m["splits"]["val"]["count"]
+        quota = n_train // (2 * 8) * 8
+        assert r0["len_train"] == r1["len_train"] == quota // 8
+        assert r0["len_val"] == r1["len_val"] == math.ceil(math.ceil(n_val / 2) / 8)
+        for e in range(2):
+            a, b = flat(r0["train"][e]), flat(r1["train"][e])
+            assert len(r0["train"][e]) == len(r1["train"][e]) == quota // 8  # equal batch counts
+            assert len(a) == len(set(a)) == quota and len(b) == len(set(b)) == quota
+            assert not set(a) & set(b)  # disjoint across ranks
+            assert set(a) | set(b) <= set(shard_keys(root, "train"))
+        for r in (r0, r1):
+            assert r["train_again"] == r["train"][0]  # same (seed, epoch): same batches, same order
+            assert r["train"][1] != r["train"][0]
+        assert len(r0["val"]) == len(r1["val"]) == r0["len_val"]
+        val = flat(r0["val"]) + flat(r1["val"])
+        assert sorted(val) == sorted(shard_keys(root, "val"))  # every val sample exactly once
+    assert len(manifest(few_shards)["splits"]["val"]["shards"]) == 1  # fewer shards than 2 ranks x 2 workers
+    assert len(manifest(few_shards)["splits"]["train"]["shards"]) < 4
+
+
+# ---------------------------------------------------------------------------------------------- resume
+
+
+def test_resume_continues_the_epoch_exactly(tiny_shards: str) -> None:
+    def loader(seed: int = 1) -> data.ShardLoader:
+        return make_loader(tiny_shards, "train", 8, seed=seed, epoch=2, num_workers=2, with_keys=True, raw=True,
+                           rank=1, world_size=2, shuffle_buffer=50)  # fmt: skip
+
+    full = keys_of(loader())
+    for k in (1, 4, len(full) - 1):
+        first = loader()
+        assert keys_of(first, limit=k) == full[:k]
+        state = first.state_dict()
+        assert state == {
+            "epoch": 2,
+            "batch": k,
+            "world_size": 2,
+            "batch_size": 8,
+            "seed": 1,
+            "num_workers": 2,
+        }
+        resumed = loader(seed=99)  # the checkpoint's seed wins
+        resumed.load_state_dict(state)
+        assert keys_of(resumed) == full[k:]
+        assert (resumed.epoch, resumed.batch) == (3, 0)
+        assert keys_of(first) == full[k:]  # the same loader object also continues where it stopped
+    done = loader()
+    done.load_state_dict({**done.state_dict(), "batch": len(full)})  # checkpoint after the last batch
+    assert keys_of(done) == [] and done.epoch == 3
+    single = make_loader(tiny_shards, "train", 8, num_workers=0, with_keys=True, rank=0, world_size=1)
+    head = keys_of(single, limit=3)
+    again = make_loader(tiny_shards, "train", 8, num_workers=0, with_keys=True, rank=0, world_size=1)
+    again.load_state_dict(single.state_dict())
+    assert head + keys_of(again) == keys_of(make_loader(tiny_shards, "train", 8, num_workers=0, with_keys=True,
+                                                        rank=0, world_size=1))  # fmt: skip
+
+
+def test_resume_with_another_world_size(tiny_shards: str, caplog: pytest.LogCaptureFixture) -> None:
+    old = make_loader(tiny_shards, "train", 8, num_workers=2, rank=0, world_size=2, with_keys=True)
+    keys_of(old, limit=3)
+    state = old.state_dict()
+    for world, batch_size in ((1, 8), (1, 16), (3, 8)):
+        new = make_loader(
+            tiny_shards, "train", batch_size, num_workers=2, rank=0, world_size=world, with_keys=True
+        )
+        with caplog.at_level(logging.WARNING, logger="vaejob.data"):
+            new.load_state_dict(state)
+        assert "some samples may repeat or be skipped" in caplog.text
+        caplog.clear()
+        start = 3 * 2 * 8 // (world * batch_size)  # same fraction of the epoch consumed
+        assert new.batch == start and new.epoch == 0
+        assert len(keys_of(new)) == len(new) - start
+        fresh = make_loader(tiny_shards, "train", batch_size, num_workers=2, epoch=1, rank=0, world_size=world,
+                            with_keys=True)  # fmt: skip
+        assert keys_of(new) == keys_of(fresh)  # the next epoch is exact again
+
+
+# ------------------------------------------------------------------------------------------- fail fast
+
+
+@pytest.fixture
+def copy(tiny_shards: str, tmp_path: Path) -> Path:
+    dst = tmp_path / "set"
+    shutil.copytree(tiny_shards, dst)
+    return dst
+
+
+def edit_manifest(root: Path, fn: Any) -> None:
+    m = manifest(root)
+    fn(m)
+    (root / "manifest.json").write_text(json.dumps(m))
+
+
+def one_line_error(excinfo: pytest.ExceptionInfo, *parts: str) -> None:
+    message = str(excinfo.value)
+    assert "\n" not in message, message
+    for part in parts:
+        assert part in message, message
+
+
+def test_not_a_shard_set(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as e:
+        open_shards(str(tmp_path / "nowhere"))
+    one_line_error(e, "not a shard set", "manifest.json", "python -m vaejob.shard")
+
+
+def test_missing_shard(copy: Path) -> None:
+    (copy / "val-000001.tar").unlink()
+    with pytest.raises(DataError) as e:
+        make_loader(str(copy), "train", 8)  # any split: the whole set is checked before training
+    one_line_error(e, "missing shard", "val-000001.tar")
+
+
+def test_truncated_shard(copy: Path) -> None:
+    path = copy / "train-000002.tar"
+    path.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(DataError) as e:
+        open_shards(str(copy))
+    one_line_error(e, "train-000002.tar", "bytes", "manifest says")
+
+
+@pytest.mark.parametrize("field", ["count", "bytes", "format"])
+def test_tampered_manifest(copy: Path, field: str) -> None:
+    def tamper(m: dict[str, Any]) -> None:
+        if field == "format":
+            m["format"] = "vaejob-shards/99"
+        else:
+            m["splits"]["train"]["shards"][1][field] += 1
+
+    edit_manifest(copy, tamper)
+    with pytest.raises(DataError) as e:
+        open_shards(str(copy))
+    one_line_error(
+        e, *{"count": ["count"], "bytes": ["train-000001.tar"], "format": ["manifest format"]}[field]
+    )
+
+
+def test_corrupt_first_header(copy: Path) -> None:
+    path = copy / "train-000000.tar"
+    blob = bytearray(path.read_bytes())
+    blob[124:136] = b"77777777777\0"  # size field, checksum left as it was
+    path.write_bytes(bytes(blob))
+    with pytest.raises(DataError) as e:
+        open_shards(str(copy))
+    one_line_error(e, "corrupt tar header", "train-000000.tar", "byte 0")
+
+
+def test_damage_inside_a_shard(copy: Path) -> None:
+    """Damage past the first sample is found by verify=True before training, else while reading (one line)."""
+    path = copy / "train-000003.tar"
+    blob = bytearray(path.read_bytes())
+    at = blob.index(b".npy", 512 * 10) - 10  # a later member's header
+    blob[at] ^= 0x20
+    path.write_bytes(bytes(blob))
+    open_shards(str(copy))  # sizes and first samples are fine
+    with pytest.raises(DataError) as e:
+        open_shards(str(copy), verify=True)
+    one_line_error(e, "sha256 mismatch", "train-000003.tar")
+    loader = make_loader(str(copy), "train", 8, num_workers=2, rank=0, world_size=1)
+    with pytest.raises(DataError) as e:
+        for _ in loader:
+            pass
+    one_line_error(e, "corrupt tar header", "train-000003.tar")
+
+
+def test_shard_with_fewer_samples_than_its_manifest_entry(copy: Path) -> None:
+    def tamper(m: dict[str, Any]) -> None:  # consistent counts: only reading the shard can tell
+        m["splits"]["val"]["shards"][0]["count"] += 1
+        m["splits"]["val"]["count"] += 1
+
+    edit_manifest(copy, tamper)
+    loader = make_loader(str(copy), "val", 4, num_workers=2, rank=0, world_size=1)
+    with pytest.raises(DataError) as e:
+        list(loader)
+    one_line_error(e, "val-000000.tar", "manifest entry says")
+
+
+def test_brace_pattern(tiny_shards: str) -> None:
+    n = len(manifest(tiny_shards)["splits"]["train"]["shards"])
+    pattern = f"{tiny_shards}/train-{{000000..{n - 1:06d}}}.tar"
+    shards = open_shards(pattern)
+    assert shards.split("train").urls == tuple(urls(tiny_shards, "train"))
+    assert (
+        len(make_loader(pattern, "train", 8, rank=0, world_size=1))
+        == manifest(tiny_shards)["splits"]["train"]["count"] // 8
+    )
+    with pytest.raises(DataError) as e:
+        open_shards(f"{tiny_shards}/train-{{000000..{n - 2:06d}}}.tar")
+    one_line_error(e, "not exactly one split")
+
+
+def test_too_few_samples_for_the_batch(few_shards: str) -> None:
+    with pytest.raises(DataError) as e:
+        make_loader(few_shards, "train", 64, rank=0, world_size=2)
+    one_line_error(e, "lower the batch size")
+
+
+# ------------------------------------------------------------------------------------------ tar reader
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
+def test_reader_handles_long_names_and_directories(fmt: int) -> None:
+    """Other writers' tars: pax / GNU long-name headers and directory entries are read like tarfile does."""
+    keys = ["short", "x" * 120, "d/inner"]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        tar.addfile(_dir("d"))
+        for i, key in enumerate(keys):
+            for ext, payload in (("npy", bytes([i]) * (700 + i)), ("cls", str(i).encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    buf.seek(0)
+    tar = data._TarStream(buf, "mem.tar", chunk=1024)  # small buffer: exercises refills
+    got = list(data._iter_samples(tar, "mem.tar", 0, 3, 3, frozenset({"npy", "cls"})))
+    assert [k for k, _ in got] == keys
+    assert [(s["npy"], int(s["cls"])) for _, s in got] == [(bytes([i]) * (700 + i), i) for i in range(3)]
+
+
+def _dir(name: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    return info

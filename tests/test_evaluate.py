@@ -1,0 +1,317 @@
+"""vaejob.evaluate and vaejob.sample on a real tiny run, in real processes (1 and 2 ranks over gloo)."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tests.util import launch_cmd, run, tiny_overrides, wandb_records, wandb_runs
+from vaejob import samples
+from vaejob.checkpoint import load_model
+from vaejob.config import LossConfig
+from vaejob.data import make_loader, open_shards
+from vaejob.evaluate import iw_log_px
+from vaejob.shard import main as shard_main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_shards: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A conv VAE trained for 60 steps on the 16x16 synthetic shards; one checkpoint at step 60."""
+    run_dir = tmp_path_factory.mktemp("eval") / "run"
+    every = {f"train.{k}_every": 60 for k in ("eval", "checkpoint", "sample")}
+    overrides = tiny_overrides(
+        tiny_shards, run_dir, **{"train.max_steps": 60, "samples.final_plots": "false", **every}
+    )
+    cp = run(launch_cmd(1) + overrides)
+    assert cp.returncode == 0, cp.stderr[-3000:]
+    return run_dir
+
+
+def module_cmd(module: str, nproc: int) -> list[str]:
+    """`python -m vaejob.X` or `accelerate launch ... -m vaejob.X`."""
+    if nproc == 1:
+        return [sys.executable, "-m", module]
+    return [*launch_cmd(nproc, "-m"), module]  # accelerate launch's -m: the "script" is a module
+
+
+def evaluate_json(run_dir: Path, nproc: int, *args: str) -> dict:
+    cp = run(module_cmd("vaejob.evaluate", nproc) + ["--run", str(run_dir), *args])
+    assert cp.returncode == 0, cp.stderr[-3000:]
+    return json.loads(cp.stdout)
+
+
+# ------------------------------------------------------------------------------------------- evaluate
+def test_evaluate_one_and_two_processes_agree(tiny_run: Path) -> None:
+    wandb_before = len(wandb_runs(tiny_run))
+    one = evaluate_json(tiny_run, 1, "--iw-samples", "100", "--batch-size", "5")
+    two = evaluate_json(tiny_run, 2, "--iw-samples", "100", "--batch-size", "8")  # batch size is free too
+    for key in ("nelbo", "recon", "kl", "iw_nll", "bits_per_dim"):
+        assert two[key] == pytest.approx(one[key], rel=1e-6, abs=0), key
+    np.testing.assert_allclose(two["kl_per_dim"], one["kl_per_dim"], rtol=1e-6)
+    assert one["count"] == two["count"] == open_shards(str(one["shards"])).split("val").count
+    assert one["active_units"] == two["active_units"]
+    assert one["per_class"].keys() == two["per_class"].keys() <= {"ellipse", "heart", "square", "triangle"}
+    assert sum(c["count"] for c in one["per_class"].values()) == one["count"]
+
+    assert one["iw_nll"] <= one["nelbo"]  # the IWAE bound is tighter than the ELBO
+    assert one["nelbo"] == pytest.approx(one["recon"] + one["kl"])
+    assert one["bits_per_dim"] == pytest.approx(one["iw_nll"] / (3 * 16 * 16 * math.log(2)))
+    # the KL term is deterministic: it equals the one training logged at its last val pass
+    val = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    assert one["kl"] == pytest.approx([r for r in val if r["split"] == "val"][-1]["kl"], rel=1e-6)
+
+    written = json.loads((tiny_run / "eval" / "val-step_00000060.json").read_text())
+    assert written == two and written["step"] == 60 and written["checkpoint"].endswith("step_00000060")
+    for plot in ("traversal", "interpolation"):
+        assert (tiny_run / "eval" / f"val-step_00000060-{plot}.png").stat().st_size > 100
+
+    runs = wandb_runs(tiny_run)
+    assert len(runs) == wandb_before + 2  # offline, one per evaluation, into the training run's id
+    run_id = (tiny_run / "wandb_id.txt").read_text().strip()
+    assert all(r.endswith(run_id) for r in runs)
+    history = [r["history"]["item"] for r in wandb_records(runs[-1]) if r["type"] == "history"]
+    logged = next(h for h in history if "eval/val/iw_nll" in h)
+    assert logged["eval/val/iw_nll"] == pytest.approx(two["iw_nll"]) and logged["trainer/step"] == 60
+
+
+def test_iw_estimate_tightens_with_k(tiny_run: Path) -> None:
+    model, cfg, _ = load_model(str(tiny_run))
+    loader = make_loader(cfg.data.shards, "val", 64, rank=0, world_size=1, num_workers=0, with_keys=True)
+    batch = next(iter(loader))
+    keep = batch["valid"].nonzero().flatten().tolist()
+    x = batch["image"][keep]
+    nll = {}
+    for k in (1, 10, 100):
+        gens = [samples.item_generator(0, batch["key"][i]) for i in keep]
+        nll[k] = -iw_log_px(model, x, cfg.loss, k, generators=gens).mean().item()
+    assert nll[1] >= nll[10] - 0.5 and nll[10] >= nll[100] - 0.5, nll
+    assert nll[1] - nll[100] > 1.0, nll  # not flat: the bound really tightens on this model
+
+
+class OneDimVAE(nn.Module):
+    """A VAE with a 1-D latent over 2x2 binary images: the decoder is a tiny MLP, the encoder a lookup of a
+    Gaussian per image (set near the true posterior, so a few thousand importance samples suffice)."""
+
+    latent_dim, image_shape = 1, (1, 2, 2)
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.dec = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 4, bias=False))
+        with torch.no_grad():
+            for p in self.dec.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 1.5)
+        self.register_buffer("q", torch.zeros(16, 2))
+
+    def index(self, x: Tensor) -> Tensor:
+        return (x.flatten(1) @ torch.tensor([8.0, 4.0, 2.0, 1.0])).long()
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        q = self.q[self.index(x)]
+        return q[:, :1], q[:, 1:]
+
+    def decode(self, z: Tensor) -> Tensor:
+        return self.dec(z).view(-1, 1, 2, 2)
+
+
+def test_iw_estimator_matches_numerical_integration() -> None:
+    model = OneDimVAE()
+    x = torch.tensor(list(itertools.product([0.0, 1.0], repeat=4))).view(16, 1, 2, 2)
+    # log p(x) = log ∫ p(x|z) N(z; 0, 1) dz on a dense grid (Bernoulli log-likelihood written out here).
+    z = torch.linspace(-12.0, 12.0, 48001, dtype=torch.float64)
+    logits = model.decode(z.float()[:, None]).detach().double().flatten(1)  # (G, 4)
+    pix = x.flatten(1).double()  # (16, 4)
+    log_px_z = (pix[:, None] * F.logsigmoid(logits) + (1 - pix[:, None]) * F.logsigmoid(-logits)).sum(-1)
+    log_joint = log_px_z - 0.5 * z**2 - 0.5 * math.log(2 * math.pi)  # (16, G)
+    exact = torch.logsumexp(log_joint, 1) + math.log(z[1] - z[0])
+    # q(z|x): the true posterior's moments, deliberately off by 0.3 in mean and log-variance
+    post = torch.softmax(log_joint, 1)
+    mean = (post * z).sum(1)
+    var = (post * (z - mean[:, None]) ** 2).sum(1)
+    model.q.copy_(torch.stack([mean + 0.3, var.log() + 0.3], 1).float())
+
+    def estimate(k: int, chunk: int) -> Tensor:
+        gens = [torch.Generator().manual_seed(i) for i in range(16)]
+        return iw_log_px(model, x, LossConfig(likelihood="bernoulli"), k, generators=gens, chunk=chunk)
+
+    assert (estimate(20000, 1000) - exact).abs().max() < 0.05
+    assert (estimate(20000, 3000) - exact).abs().max() < 0.05  # a ragged last chunk
+    one = estimate(1, 1)
+    assert one.mean() < exact.mean()  # one sample: the ELBO, below log p(x) on average
+
+
+# ------------------------------------------------------------------------------------------- sample
+SAMPLE_ARGS = [
+    "--num",
+    "50",
+    "--shard-size",
+    "20",
+    "--batch-size",
+    "8",
+    "--seed",
+    "3",
+    "--temperature",
+    "0.8",
+]
+SHARDS = [f"samples-{i:06d}.tar" for i in range(3)]
+
+
+def sample(run_dir: Path, out: Path | str, nproc: int = 1):
+    cp = run(module_cmd("vaejob.sample", nproc) + ["--run", str(run_dir), "--out", str(out), *SAMPLE_ARGS])
+    assert cp.returncode == 0, cp.stderr[-3000:]
+    return cp
+
+
+@pytest.fixture(scope="module")
+def sampled(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sample set of one process, the reference the other runs must reproduce byte for byte."""
+    out = tmp_path_factory.mktemp("sampled") / "one"
+    sample(tiny_run, out, 1)
+    return out
+
+
+def test_sample_deterministic_across_ranks_manifest_and_resume(
+    tiny_run: Path, sampled: Path, tmp_path: Path
+) -> None:
+    one, two = sampled, tmp_path / "two"
+    sample(tiny_run, two, 2)
+    for name in [*SHARDS, "manifest.json", "samples.png"]:
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+
+    manifest = json.loads((one / "manifest.json").read_text())
+    assert manifest["format"] == "vaejob-shards/1" and manifest["encoding"] == "npy"
+    assert (manifest["count"], manifest["seed"], manifest["temperature"], manifest["step"]) == (
+        50,
+        3,
+        0.8,
+        60,
+    )
+    assert manifest["image"] == {"channels": 3, "height": 16, "width": 16}
+    entries = manifest["splits"]["samples"]["shards"]
+    assert [e["name"] for e in entries] == SHARDS and [e["count"] for e in entries] == [20, 20, 10]
+    for e in entries:
+        assert hashlib.sha256((one / e["name"]).read_bytes()).hexdigest() == e["sha256"]
+    # the set feeds another job: the training loader reads it back, every sample once, in order
+    shards = open_shards(str(one), verify=True)
+    batches = list(make_loader(shards, "samples", 16, rank=0, world_size=1, num_workers=0, with_keys=True))
+    keys = [k for b in batches for k in b["key"] if k]
+    assert keys == [f"sample-{i:09d}" for i in range(50)]
+    images = torch.cat([b["image"][b["valid"]] for b in batches])
+    assert images.shape == (50, 3, 16, 16) and images.std() > 0
+
+    # resume: a lost shard is regenerated alone, byte-identical; the others are not rewritten
+    (two / SHARDS[1]).unlink()
+    inodes = {n: (two / n).stat().st_ino for n in (SHARDS[0], SHARDS[2])}
+    cp = sample(tiny_run, two, 1)
+    assert "generated 1 of its 3 shard(s) (2 already complete)" in cp.stderr
+    assert {n: (two / n).stat().st_ino for n in inodes} == inodes
+    for name in [*SHARDS, "manifest.json"]:
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+
+
+MEMORY_SCRIPT = """
+import hashlib, json, sys, fsspec
+from vaejob.data import open_shards
+from vaejob.sample import main
+run_dir, out, args = sys.argv[1], "memory://vaejob-test/samples", sys.argv[2:]
+assert main(["--run", run_dir, "--out", out, *args]) == 0
+fs = fsspec.filesystem("memory")
+fs.rm("/vaejob-test/samples/samples-000002.tar")
+assert main(["--run", run_dir, "--out", out, *args]) == 0
+shards = open_shards(out, verify=True)
+names = [f"samples-{i:06d}.tar" for i in range(3)]
+digest = {n: hashlib.sha256(fs.cat(f"/vaejob-test/samples/{n}")).hexdigest() for n in names}
+print(json.dumps({"count": shards.split("samples").count, "digest": digest}))
+"""
+
+
+def test_sample_to_memory_url(tiny_run: Path, sampled: Path, tmp_path: Path) -> None:
+    script = tmp_path / "memory_sample.py"
+    script.write_text(MEMORY_SCRIPT)
+    cp = run([sys.executable, str(script), str(tiny_run), *SAMPLE_ARGS])
+    assert cp.returncode == 0, cp.stderr[-3000:]
+    out = json.loads(cp.stdout.strip().splitlines()[-1])
+    assert out["count"] == 50
+    assert "generated 1 of its 3 shard(s) (2 already complete)" in cp.stderr
+    for name in SHARDS:
+        assert out["digest"][name] == hashlib.sha256((sampled / name).read_bytes()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------- bad inputs
+@pytest.fixture(scope="module")
+def bad_inputs(tiny_run: Path, tiny_shards: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("bad")
+    small = str(root / "small")
+    assert (
+        shard_main(["--source", "synthetic:40", "--size", "8", "--val-fraction", "0.5", "--out", small]) == 0
+    )
+    empty = root / "no_ckpt"
+    empty.mkdir()
+    shutil.copy(tiny_run / "config.yaml", empty / "config.yaml")
+    other = root / "other_model"
+    other.mkdir()
+    text = (tiny_run / "config.yaml").read_text()
+    (other / "config.yaml").write_text(text.replace("latent_dim: 4", "latent_dim: 5"))
+    os.symlink(tiny_run / "checkpoints", other / "checkpoints")
+    return {
+        "run": str(tiny_run),
+        "small": small,
+        "empty": str(empty),
+        "other": str(other),
+        "shards": tiny_shards,
+    }
+
+
+@pytest.mark.parametrize(
+    "module, args, message",
+    [
+        ("evaluate", ["--run", "/nonexistent/run"], "run dir /nonexistent/run not found"),
+        (
+            "evaluate",
+            ["--run", "{run}", "--shards", "{small}"],
+            "holds 3x8x8 images but the model was trained on 3x16x16",
+        ),
+        (
+            "evaluate",
+            ["--run", "{run}", "--split", "test"],
+            "has splits train, val; use --split val or --shards DIR",
+        ),
+        ("evaluate", ["--run", "{empty}"], "no complete checkpoint in"),
+        ("evaluate", ["--run", "{other}"], "does not fit"),
+        ("sample", ["--run", "/nonexistent/run", "--num", "4", "--out", "{empty}/s"], "not found"),
+        (
+            "sample",
+            ["--run", "{run}", "--num", "4", "--out", "{shards}"],
+            "holds files vaejob.sample did not write",
+        ),
+        (
+            "sample",
+            ["--run", "{run}", "--num", "4", "--out", "x", "--temperature", "0"],
+            "must be a number > 0",
+        ),
+    ],
+)
+def test_bad_inputs_one_line_exit_2(
+    bad_inputs: dict[str, str], module: str, args: list[str], message: str
+) -> None:
+    cp = run(module_cmd(f"vaejob.{module}", 1) + [a.format(**bad_inputs) for a in args], timeout=60)
+    lines = cp.stderr.strip().splitlines()
+    assert cp.returncode == 2, cp.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith(f"vaejob.{module}: error:") and message in lines[0], (
+        cp.stderr
+    )
+    assert cp.stdout == ""

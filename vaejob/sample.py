@@ -1,0 +1,306 @@
+"""Generate samples from a trained run as a shard set: ``accelerate launch -m vaejob.sample --run RUN --num N
+--out DIR_or_URL`` (or ``python -m``).
+
+The output is a vaejob shard set (docs/CONTRACTS.md) with one split, ``samples``: ``samples-000000.tar ...``
+(``sample-000000123.npy``, uint8 H×W×C), ``manifest.json`` (written last), ``samples.png`` (the first 64) and
+``parts/samples-XXXXXX.json``, one record per finished shard, which makes an interrupted job resumable.
+
+Sample ``i``'s latent comes from a generator seeded by ``(--seed, i)``, shard ``s`` holds samples
+``[s*S, (s+1)*S)`` decoded in batches from the shard's start, and shard ``s`` is written by rank
+``s mod world``: the bytes depend on the arguments, never on the rank count. A rerun skips every shard whose
+record matches the arguments and whose bytes still hash to the recorded sha256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import math
+import os
+import posixpath
+import re
+import sys
+import time
+from typing import Any
+
+import fsspec
+import torch
+from accelerate import Accelerator
+from tqdm import tqdm
+
+from vaejob import __version__, plots, samples, storage
+from vaejob.checkpoint import WEIGHTS_FILE, CheckpointError, latest_checkpoint, load_model
+from vaejob.data import FORMAT, DataError, _sha256, make_loader
+from vaejob.model import VAE
+from vaejob.shard import (
+    MANIFEST,
+    PARTS,
+    TarWriter,
+    UsageError,
+    _int_type,
+    _Parser,
+    encode_image,
+    write_manifest,
+)
+from vaejob.train import EXIT_OK, EXIT_USAGE
+
+SPLIT = "samples"
+GRID = "samples.png"
+GRID_SIZE = 64
+ENCODING = "npy"
+DEFAULT_SHARD_SIZE = 5000
+_SHARD_RE = re.compile(r"^samples-(\d{6})\.tar$")
+
+log = logging.getLogger("vaejob")
+
+
+def shard_name(index: int) -> str:
+    return f"{SPLIT}-{index:06d}.tar"
+
+
+def sample_key(index: int) -> str:
+    return f"sample-{index:09d}"
+
+
+def latents(seed: int, start: int, stop: int, latent_dim: int, temperature: float) -> torch.Tensor:
+    """z of samples ``start .. stop-1``: N(0, temperature² I), each from its own ``(seed, index)`` generator."""
+    z = [torch.randn(latent_dim, generator=samples.item_generator(seed, i)) for i in range(start, stop)]
+    return torch.stack(z) * temperature
+
+
+def write_shard(
+    acc: Accelerator, model: VAE, out: str, index: int, params: dict[str, Any], bar: tqdm
+) -> dict[str, Any]:
+    """Generate shard ``index`` in memory, write it atomically, then its record; returns the record."""
+    size, n = params["shard_size"], params["count"]
+    lo, hi = index * size, min(n, (index + 1) * size)
+    buf = io.BytesIO()
+    tar = TarWriter(buf)  # type: ignore[arg-type]
+    for start in range(lo, hi, params["batch_size"]):
+        stop = min(hi, start + params["batch_size"])
+        z = latents(params["seed"], start, stop, model.latent_dim, params["temperature"])
+        with acc.autocast():
+            images = samples.to_uint8_nhwc(samples.decode_latents(model, z, acc.device))
+        for i, image in zip(range(start, stop), images, strict=True):
+            tar.add(f"{sample_key(i)}.{ENCODING}", encode_image(image, ENCODING))
+        bar.update(stop - start)
+    tar.close()
+    name = shard_name(index)
+    storage.atomic_write_bytes(storage.join(out, name), buf.getvalue())
+    record = {"name": name, "count": hi - lo, "bytes": tar.pos, "sha256": tar.sha.hexdigest(), "args": params}
+    storage.atomic_write_json(_record_path(out, index), record)
+    return record
+
+
+def _record_path(out: str, index: int) -> str:
+    return storage.join(out, PARTS, shard_name(index).replace(".tar", ".json"))
+
+
+def read_record(out: str, index: int, params: dict[str, Any]) -> dict[str, Any] | None:
+    """The shard's record if one was written for these arguments, else None."""
+    try:
+        record = storage.read_json(_record_path(out, index))
+    except (OSError, ValueError):
+        return None  # missing or torn
+    return record if isinstance(record, dict) and record.get("args") == params else None
+
+
+def done_record(out: str, index: int, params: dict[str, Any]) -> dict[str, Any] | None:
+    """The shard's record if the shard is complete for these arguments (its bytes re-hashed), else None."""
+    record = read_record(out, index, params)
+    if record is None:
+        return None
+    shard = storage.join(out, record["name"])
+    try:
+        intact = storage.size(shard) == record["bytes"] and _sha256(shard) == record["sha256"]
+    except OSError:
+        intact = False
+    return record if intact else None
+
+
+def _entries(out: str) -> list[str]:
+    fs, path = fsspec.core.url_to_fs(storage.local_path(out))
+    if not fs.exists(path):
+        return []
+    if not fs.isdir(path):
+        raise UsageError(f"--out {out} is a file, not a directory: choose another --out")
+    return sorted(posixpath.basename(str(p).rstrip("/")) for p in fs.ls(path, detail=False))
+
+
+def check_out(out: str) -> None:
+    """Refuse an output that holds anything but an earlier (possibly partial) sample set."""
+    for entry in _entries(out):
+        ours = (
+            entry in (MANIFEST, GRID, PARTS)
+            or _SHARD_RE.match(entry)
+            or ".tmp" in entry  # atomic-write leftovers
+        )
+        if not ours:
+            raise UsageError(
+                f"--out {out} holds files vaejob.sample did not write ({entry!r}): choose an empty or new --out"
+            )
+    manifest = storage.join(out, MANIFEST)
+    if storage.exists(manifest):
+        try:
+            splits = storage.read_json(manifest).get("splits") or {}
+        except (OSError, ValueError, AttributeError):
+            splits = {}
+        if SPLIT not in splits:
+            raise UsageError(f"--out {out} holds another kind of shard set: choose an empty or new --out")
+
+
+def _remove(url: str) -> None:
+    fs, path = fsspec.core.url_to_fs(storage.local_path(url))
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def finish(out: str, params: dict[str, Any], model: VAE, num_shards: int) -> dict[str, Any]:
+    """Rank 0, after every shard is written: drop leftovers of a larger earlier set, write the manifest last,
+    then the grid (read back through the loader, which checks the set is usable)."""
+    records = [read_record(out, i, params) for i in range(num_shards)]  # each owner rank checked its bytes
+    missing = [shard_name(i) for i, r in enumerate(records) if r is None]
+    if missing:
+        raise RuntimeError(f"shards {missing} are missing or damaged after generation")
+    for entry in _entries(out):
+        m = _SHARD_RE.match(entry)
+        if m and int(m.group(1)) >= num_shards:
+            _remove(storage.join(out, entry))
+            _remove(_record_path(out, int(m.group(1))))
+    c, h, w = model.image_shape
+    manifest = {
+        "format": FORMAT,
+        "vaejob_version": __version__,
+        "source": f"vaejob.sample:{params['checkpoint']}",
+        "seed": params["seed"],
+        "encoding": ENCODING,
+        "image": {"height": h, "width": w, "channels": c},
+        "labels": None,
+        "factors": None,
+        "splits": {SPLIT: {"count": params["count"], "shards": [_entry(r) for r in records if r]}},
+        "skipped": [],
+        "args": params,
+        "count": params["count"],
+        "temperature": params["temperature"],
+        "step": params["step"],
+        "checkpoint": params["checkpoint"],
+    }
+    if storage.is_url(out):
+        storage.atomic_write_json(storage.join(out, MANIFEST), manifest)
+    else:
+        write_manifest(out, manifest)  # fsyncs the shard renames first
+    first = next(
+        iter(
+            make_loader(
+                out, SPLIT, min(GRID_SIZE, params["count"]), rank=0, world_size=1, num_workers=0, raw=True
+            )
+        )
+    )
+    grid = plots.make_grid(
+        first["image"].permute(0, 2, 3, 1).numpy(), nrow=math.ceil(math.sqrt(len(first["image"])))
+    )
+    storage.atomic_write_bytes(storage.join(out, GRID), plots.to_png(grid))
+    return manifest
+
+
+def _entry(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: record[k] for k in ("name", "count", "bytes", "sha256")}
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="vaejob.sample",
+        description="Generate samples from a trained run as a shard set (run under `accelerate launch` to split the work).",
+        epilog="Example: accelerate launch -m vaejob.sample --run runs/fashion_mnist --num 100000 --out s3://b/samples",
+    )
+    p.add_argument("--run", required=True, help="the training run dir (holds config.yaml and checkpoints/)")
+    p.add_argument("--checkpoint", help="a checkpoint dir (default: the run's newest complete one)")
+    p.add_argument("--num", type=_int_type(1), required=True, help="number of samples")
+    p.add_argument("--out", required=True, help="output directory or fsspec URL (s3://..., memory://...)")
+    p.add_argument(
+        "--batch-size", type=_int_type(1), default=256, help="images decoded per batch (default 256)"
+    )
+    p.add_argument("--seed", type=_int_type(0), default=0, help="latent seed (default 0)")
+    p.add_argument("--temperature", type=_positive_float, default=1.0, help="prior std scale (default 1.0)")
+    p.add_argument(
+        "--shard-size",
+        type=_int_type(1),
+        default=DEFAULT_SHARD_SIZE,
+        help=f"samples per shard (default {DEFAULT_SHARD_SIZE})",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s vaejob %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    try:
+        args = build_parser().parse_args(argv)
+        ckpt = args.checkpoint or latest_checkpoint(args.run)
+        model, cfg, step = load_model(args.run, ckpt)
+        check_out(args.out)
+    except (UsageError, CheckpointError, DataError) as e:
+        if int(os.environ.get("RANK", "0")) == 0:  # one line per job, not per rank
+            print(f"vaejob.sample: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    # Everything that shapes the bytes; a shard record with other arguments is regenerated.
+    params = {
+        "checkpoint": str(ckpt),
+        "checkpoint_sha256": _sha256(os.path.join(str(ckpt), WEIGHTS_FILE)),
+        "step": step,
+        "count": args.num,
+        "seed": args.seed,
+        "temperature": args.temperature,
+        "shard_size": args.shard_size,
+        "batch_size": args.batch_size,
+        "mixed_precision": cfg.train.mixed_precision,
+    }
+    acc = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    model.to(acc.device)
+    rank, world = acc.process_index, acc.num_processes
+    num_shards = math.ceil(args.num / args.shard_size)
+    mine = [i for i in range(rank, num_shards, world)]
+    if acc.is_main_process:
+        manifest = storage.join(args.out, MANIFEST)
+        if storage.exists(manifest) and storage.read_json(manifest).get("args") != params:
+            _remove(manifest)  # first: a set being rewritten must never look complete
+        storage.makedirs(args.out)
+    acc.wait_for_everyone()
+    todo = [i for i in mine if done_record(args.out, i, params) is None]
+    start = time.perf_counter()
+    total = sum(min(args.num, (i + 1) * args.shard_size) - i * args.shard_size for i in todo)
+    with tqdm(
+        total=total,
+        unit="img",
+        desc=f"vaejob.sample rank {rank}",
+        disable=None if acc.is_main_process else True,
+    ) as bar:
+        for i in todo:
+            write_shard(acc, model, args.out, i, params, bar)
+    log.info(
+        f"rank {rank}: generated {len(todo)} of its {len(mine)} shard(s) ({len(mine) - len(todo)} already complete) "
+        f"in {time.perf_counter() - start:.1f}s"
+    )
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        finish(args.out, params, model, num_shards)
+        log.info(f"{args.num} samples in {num_shards} shard(s) -> {args.out}")
+    acc.wait_for_everyone()
+    acc.end_training()
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
