@@ -1,7 +1,7 @@
 """Decoded images/s: torchvision ImageFolder vs the vaejob shard loader, on the same images.
 
     python benchmarks/data_throughput.py                 # 20k synthetic 64x64 RGB, 2 workers
-    python benchmarks/data_throughput.py --num 2000      # quick (CI)
+    python benchmarks/data_throughput.py --num 2000      # quick (CI): a smoke test, mostly start-up costs
 
 Writes npy shards with ``vaejob.shard``, the same images as PNG files in an ImageFolder tree, and png shards,
 then times full passes (worker start-up included, as every epoch pays it) of:
@@ -77,7 +77,7 @@ def imagefolder(folder: Path, batch_size: int, workers: int) -> int:
     return count(iter(DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers)))
 
 
-def vaejob_loader(shards: str, batch_size: int, workers: int, epoch: int) -> int:
+def vaejob_loader(shards: data.ShardSet, batch_size: int, workers: int, epoch: int) -> int:
     loader = data.make_loader(
         shards, "train", batch_size, num_workers=workers, epoch=epoch, rank=0, world_size=1
     )

@@ -10,7 +10,7 @@ SIGUSR2 ``--signal`` seconds before the limit (submitit's ``job._interrupt()`` s
 The Trainer turns SIGUSR2 into the training's own stop request, so training finishes its step, writes a
 checkpoint and returns 75; then submitit's handler calls ``Trainer.checkpoint()`` and requeues the job,
 which reruns with ``run.resume=auto`` in the same run dir (same W&B run). A SIGTERM alone (``scancel``)
-also stops training at a checkpoint, but only SIGUSR2 requeues: a cancelled job stays cancelled.
+stops training too, but only SIGUSR2 requeues: a cancelled job stays cancelled.
 Slurm and local jobs print their id and logs and return; ``--wait`` (always for local/debug) waits for
 the result and exits non-zero if the job failed.
 """
@@ -83,6 +83,8 @@ class Trainer:
             try:
                 code = train.main(self.argv)
             except Exception:
+                # torch's loader SIGCHLD handler raises anew for every worker that dies: silence it first.
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 state["done"] = True
                 # Slurm's SIGTERM reaches every process of the step, the loader workers and the W&B service
                 # included, so training can crash instead of stopping cleanly. If a requeue was asked for,

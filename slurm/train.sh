@@ -20,8 +20,8 @@
 # `scancel --signal=USR1 --batch JOBID` to checkpoint and requeue by hand). The shell forwards USR1 to every
 # training process, which finishes its step, writes a checkpoint and exits 75; the shell then runs
 # `scontrol requeue` and the job starts again in place. SIGTERM (scancel, scheduler preemption) is forwarded
-# the same way so the run stops at a checkpoint, but the shell does not requeue: Slurm decides (a
-# partition with PreemptMode=REQUEUE requeues the job itself). Raise @120 if checkpoints take longer.
+# the same way, but the shell never requeues after it: a cancelled job stays cancelled, and a partition with
+# PreemptMode=REQUEUE requeues the job itself. Raise @120 if checkpoints take longer.
 #
 #SBATCH --job-name=vaejob
 #SBATCH --nodes=1

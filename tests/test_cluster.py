@@ -322,7 +322,8 @@ def test_shard_job_array_matches_single_process(slurm, tmp_path):
     array, final = re.search(r"array job (\d+) \(3 tasks\).*finalize job (\d+)", cp.stdout).groups()
     job = Job(final, [tmp_path / "vaejob-shard-*.out", tmp_path / "vaejob-shard-finalize-*.out"])
     assert job.wait_done(timeout=120) == "COMPLETED", job.describe()
-    assert set(states(array)) == {"COMPLETED"} and len(states(array)) == 3, job.describe()
+    # afterok means every task succeeded; accounting lists them a moment later
+    job.wait_for("sacct to list 3 COMPLETED tasks", lambda: states(array) == ["COMPLETED"] * 3, timeout=30)
     single, arr = tmp_path / "single", tmp_path / "array"
     assert (arr / "manifest.json").read_bytes() == (single / "manifest.json").read_bytes(), job.describe()
     tars = sorted(p.name for p in single.glob("*.tar"))

@@ -10,9 +10,12 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import numpy as np
 import pytest
 import torch
@@ -72,6 +75,11 @@ def shard_keys(root: str | Path, split: str) -> dict[str, str]:
     return out
 
 
+def loader(root: str, split: str = "train", batch_size: int = 8, **kw: Any) -> data.ShardLoader:
+    """A single-process-group loader (rank 0 of 1) that reports sample keys, unless told otherwise."""
+    return make_loader(root, split, batch_size, **{"rank": 0, "world_size": 1, "with_keys": True, **kw})
+
+
 def keys_of(loader: Any, limit: int | None = None) -> list[list[str]]:
     """The valid keys of each batch the loader yields (all of the epoch, or the first ``limit``)."""
     out = []
@@ -98,11 +106,9 @@ def test_values_match_webdataset(fixture: str, request: pytest.FixtureRequest) -
     for split, workers in (("train", 2), ("val", 0)):
         seen = []
         for raw in (True, False):
-            loader = make_loader(
-                root, split, 8, num_workers=workers, raw=raw, with_keys=True, rank=0, world_size=1
-            )
-            assert loader.image_shape == shape and loader.num_classes == m["labels"]["num_classes"]
-            for batch in loader:
+            it = loader(root, split, num_workers=workers, raw=raw)
+            assert it.image_shape == shape and it.num_classes == m["labels"]["num_classes"]
+            for batch in it:
                 images, labels, valid = batch["image"], batch["label"], batch["valid"]
                 assert images.shape == (8, *shape) and images.is_contiguous()
                 assert images.dtype == (torch.uint8 if raw else torch.float32)
@@ -128,9 +134,8 @@ def test_shard_order_per_epoch(tiny_shards: str) -> None:
     owner = shard_keys(tiny_shards, "train")
 
     def order(epoch: int, seed: int = 5) -> list[str]:
-        loader = make_loader(tiny_shards, "train", 8, seed=seed, epoch=epoch, num_workers=0, shuffle_buffer=1,
-                             with_keys=True, rank=0, world_size=1)  # fmt: skip
-        names = [owner[k] for k in flat(keys_of(loader))]
+        unshuffled = loader(tiny_shards, seed=seed, epoch=epoch, num_workers=0, shuffle_buffer=1)
+        names = [owner[k] for k in flat(keys_of(unshuffled))]
         return [n for i, n in enumerate(names) if i == 0 or names[i - 1] != n]
 
     orders = [order(e) for e in range(4)]
@@ -138,7 +143,7 @@ def test_shard_order_per_epoch(tiny_shards: str) -> None:
     assert len({tuple(o) for o in orders}) > 1  # the permutation changes with the epoch...
     assert order(2) == orders[2]  # ...and is a function of (seed, epoch)
     assert order(2, seed=6) != orders[2] or order(3, seed=6) != orders[3]
-    val = make_loader(tiny_shards, "val", 8, num_workers=0, with_keys=True, rank=0, world_size=1)
+    val = loader(tiny_shards, "val", num_workers=0)
     assert flat(keys_of(val)) == list(shard_keys(tiny_shards, "val"))  # val: manifest order, unshuffled
 
 
@@ -182,8 +187,8 @@ def test_two_ranks(tmp_path: Path, few_shards: str, tiny_shards: str) -> None:
     script.write_text(DDP_SCRIPT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     env = cpu_env(PYTHONPATH=str(REPO))
-    proc = subprocess.run([*cmd, str(script), str(tmp_path), few_shards, tiny_shards],
-                          env=env, capture_output=True, text=True, timeout=240, cwd=REPO)  # fmt: skip
+    args = [*cmd, str(script), str(tmp_path), few_shards, tiny_shards]
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=240, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["world"] for r in ranks] == [2, 2]
@@ -215,13 +220,14 @@ def test_two_ranks(tmp_path: Path, few_shards: str, tiny_shards: str) -> None:
 
 
 def test_resume_continues_the_epoch_exactly(tiny_shards: str) -> None:
-    def loader(seed: int = 1) -> data.ShardLoader:
-        return make_loader(tiny_shards, "train", 8, seed=seed, epoch=2, num_workers=2, with_keys=True, raw=True,
-                           rank=1, world_size=2, shuffle_buffer=50)  # fmt: skip
+    def rank1(seed: int = 1) -> data.ShardLoader:
+        return loader(
+            tiny_shards, seed=seed, epoch=2, num_workers=2, raw=True, rank=1, world_size=2, shuffle_buffer=50
+        )
 
-    full = keys_of(loader())
+    full = keys_of(rank1())
     for k in (1, 4, len(full) - 1):
-        first = loader()
+        first = rank1()
         assert keys_of(first, limit=k) == full[:k]
         state = first.state_dict()
         assert state == {
@@ -232,30 +238,29 @@ def test_resume_continues_the_epoch_exactly(tiny_shards: str) -> None:
             "seed": 1,
             "num_workers": 2,
         }
-        resumed = loader(seed=99)  # the checkpoint's seed wins
+        resumed = rank1(seed=99)  # the checkpoint's seed wins
         resumed.load_state_dict(state)
         assert keys_of(resumed) == full[k:]
         assert (resumed.epoch, resumed.batch) == (3, 0)
         assert keys_of(first) == full[k:]  # the same loader object also continues where it stopped
-    done = loader()
+    done = rank1()
     done.load_state_dict({**done.state_dict(), "batch": len(full)})  # checkpoint after the last batch
     assert keys_of(done) == [] and done.epoch == 3
-    single = make_loader(tiny_shards, "train", 8, num_workers=0, with_keys=True, rank=0, world_size=1)
-    head = keys_of(single, limit=3)
-    again = make_loader(tiny_shards, "train", 8, num_workers=0, with_keys=True, rank=0, world_size=1)
-    again.load_state_dict(single.state_dict())
-    assert head + keys_of(again) == keys_of(make_loader(tiny_shards, "train", 8, num_workers=0, with_keys=True,
-                                                        rank=0, world_size=1))  # fmt: skip
+
+    single = keys_of(loader(tiny_shards, num_workers=0))  # the single-process path resumes alike
+    first = loader(tiny_shards, num_workers=0)
+    assert keys_of(first, limit=3) == single[:3]
+    resumed = loader(tiny_shards, num_workers=0)
+    resumed.load_state_dict(first.state_dict())
+    assert keys_of(resumed) == single[3:]
 
 
 def test_resume_with_another_world_size(tiny_shards: str, caplog: pytest.LogCaptureFixture) -> None:
-    old = make_loader(tiny_shards, "train", 8, num_workers=2, rank=0, world_size=2, with_keys=True)
+    old = loader(tiny_shards, num_workers=2, world_size=2)
     keys_of(old, limit=3)
     state = old.state_dict()
     for world, batch_size in ((1, 8), (1, 16), (3, 8)):
-        new = make_loader(
-            tiny_shards, "train", batch_size, num_workers=2, rank=0, world_size=world, with_keys=True
-        )
+        new = loader(tiny_shards, batch_size=batch_size, num_workers=2, world_size=world)
         with caplog.at_level(logging.WARNING, logger="vaejob.data"):
             new.load_state_dict(state)
         assert "some samples may repeat or be skipped" in caplog.text
@@ -263,8 +268,7 @@ def test_resume_with_another_world_size(tiny_shards: str, caplog: pytest.LogCapt
         start = 3 * 2 * 8 // (world * batch_size)  # same fraction of the epoch consumed
         assert new.batch == start and new.epoch == 0
         assert len(keys_of(new)) == len(new) - start
-        fresh = make_loader(tiny_shards, "train", batch_size, num_workers=2, epoch=1, rank=0, world_size=world,
-                            with_keys=True)  # fmt: skip
+        fresh = loader(tiny_shards, batch_size=batch_size, num_workers=2, epoch=1, world_size=world)
         assert keys_of(new) == keys_of(fresh)  # the next epoch is exact again
 
 
@@ -341,18 +345,17 @@ def test_corrupt_first_header(copy: Path) -> None:
 def test_damage_inside_a_shard(copy: Path) -> None:
     """Damage past the first sample is found by verify=True before training, else while reading (one line)."""
     path = copy / "train-000003.tar"
+    with tarfile.open(path) as tar:
+        at = tar.getmembers()[10].offset  # the header of a later member
     blob = bytearray(path.read_bytes())
-    at = blob.index(b".npy", 512 * 10) - 10  # a later member's header
-    blob[at] ^= 0x20
+    blob[at + 2] ^= 0x20  # its name
     path.write_bytes(bytes(blob))
     open_shards(str(copy))  # sizes and first samples are fine
     with pytest.raises(DataError) as e:
         open_shards(str(copy), verify=True)
     one_line_error(e, "sha256 mismatch", "train-000003.tar")
-    loader = make_loader(str(copy), "train", 8, num_workers=2, rank=0, world_size=1)
     with pytest.raises(DataError) as e:
-        for _ in loader:
-            pass
+        list(loader(str(copy), num_workers=2))
     one_line_error(e, "corrupt tar header", "train-000003.tar")
 
 
@@ -362,9 +365,8 @@ def test_shard_with_fewer_samples_than_its_manifest_entry(copy: Path) -> None:
         m["splits"]["val"]["count"] += 1
 
     edit_manifest(copy, tamper)
-    loader = make_loader(str(copy), "val", 4, num_workers=2, rank=0, world_size=1)
     with pytest.raises(DataError) as e:
-        list(loader)
+        list(loader(str(copy), "val", batch_size=4, num_workers=2))
     one_line_error(e, "val-000000.tar", "manifest entry says")
 
 
@@ -373,19 +375,41 @@ def test_brace_pattern(tiny_shards: str) -> None:
     pattern = f"{tiny_shards}/train-{{000000..{n - 1:06d}}}.tar"
     shards = open_shards(pattern)
     assert shards.split("train").urls == tuple(urls(tiny_shards, "train"))
-    assert (
-        len(make_loader(pattern, "train", 8, rank=0, world_size=1))
-        == manifest(tiny_shards)["splits"]["train"]["count"] // 8
-    )
+    assert len(loader(pattern)) == manifest(tiny_shards)["splits"]["train"]["count"] // 8
     with pytest.raises(DataError) as e:
         open_shards(f"{tiny_shards}/train-{{000000..{n - 2:06d}}}.tar")
     one_line_error(e, "not exactly one split")
+
+
+def test_fsspec_url(few_shards: str) -> None:
+    fs = fsspec.filesystem("memory")
+    for path in Path(few_shards).iterdir():
+        fs.pipe(f"/vaejob-test-data/few/{path.name}", path.read_bytes())
+    url = "memory://vaejob-test-data/few"
+    try:
+        assert open_shards(url, verify=True).split("val").urls == (f"{url}/val-000000.tar",)
+        for workers in (0, 2):
+            assert keys_of(loader(url, num_workers=workers)) == keys_of(
+                loader(few_shards, num_workers=workers)
+            )
+        fs.rm("/vaejob-test-data/few/val-000000.tar")
+        with pytest.raises(DataError) as e:
+            open_shards(url)
+        one_line_error(e, "missing shard", f"{url}/val-000000.tar")
+    finally:
+        fs.rm("/vaejob-test-data", recursive=True)
 
 
 def test_too_few_samples_for_the_batch(few_shards: str) -> None:
     with pytest.raises(DataError) as e:
         make_loader(few_shards, "train", 64, rank=0, world_size=2)
     one_line_error(e, "lower the batch size")
+
+
+def test_empty_val_split(tmp_path: Path) -> None:
+    root = _shard(tmp_path / "s", "--source", "synthetic:20", "--size", "8", "--val-fraction", "0")
+    val = loader(root, "val")
+    assert len(val) == 0 and list(val) == [] and val.epoch == 1
 
 
 # ------------------------------------------------------------------------------------------ tar reader
@@ -414,3 +438,17 @@ def _dir(name: str) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.type = tarfile.DIRTYPE
     return info
+
+
+def test_slot_ring_waits_for_the_consumer() -> None:
+    """A worker may only reuse a batch slot once the consumer has released it (a guard: the DataLoader's
+    prefetch bound normally keeps workers from getting that far ahead)."""
+    slots = data._Slots(workers=1, depth=2, shape=(1, 1, 2, 2))
+    slots.acquire(0, 0)
+    slots.acquire(0, 1)
+    timer = threading.Timer(0.3, slots.release, (0, 0))
+    timer.start()
+    start = time.monotonic()
+    slots.acquire(0, 2)  # slot 0 again: blocks until batch 0 is released
+    assert time.monotonic() - start >= 0.25
+    timer.join()

@@ -190,24 +190,29 @@ def test_sigusr1_checkpoints_and_exits_75_then_resumes_exactly_two_ranks(shards,
     _assert_same_run(straight, preempted)
 
 
-def test_single_process_sigterm_exit_code(shards, tmp_path):
+def test_sigterm_to_every_process_checkpoints_and_exits_75(shards, tmp_path):
+    """Slurm's SIGTERM reaches every process of the step: loader workers and W&B's service too."""
     run_dir = tmp_path / "run"
+    overrides = {"train.max_steps": 100000, "train.checkpoint_every": 1000, "data.num_workers": 2}
     proc = subprocess.Popen(
-        launch_cmd(1)
-        + tiny_overrides(shards, run_dir, **{"train.max_steps": 100000, "train.checkpoint_every": 1000}),
+        launch_cmd(1) + tiny_overrides(shards, run_dir, **overrides),
         env=cpu_env(),
         cwd=REPO,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     deadline = time.time() + 120
     while not (run_dir / "metrics.jsonl").exists() or len(steps(run_dir)) < 2:
         assert time.time() < deadline and proc.poll() is None
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 75
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75, err[-3000:]
     step = json.loads((run_dir / "status.json").read_text())["step"]
-    assert (run_dir / "checkpoints" / f"step_{step:08d}").is_dir()
+    assert (run_dir / "checkpoints" / f"step_{step:08d}" / "trainer_state.json").exists()
+    assert steps(run_dir)[-1] <= step
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -8,33 +8,35 @@ concatenated into one global sample stream.
   the stream (the global remainder is dropped). Slices may cut shards mid-way, so any number of shards
   works with any number of ranks and workers, and every rank yields exactly ``Q / B`` batches (unequal
   batch counts hang DDP).
-- Val: every rank gets a contiguous ``ceil(N / world)`` slice, padded to whole batches with
-  ``valid=False`` samples (image zeros, label -1): every val sample is counted exactly once across ranks,
-  and all ranks yield the same number of batches.
-- Within a rank the slice is split among ``max(1, num_workers)`` streams in whole batches: stream ``w``
+- Val (any split but ``train``): every rank gets a contiguous ``ceil(N / world)`` slice, padded to whole
+  batches with ``valid=False`` samples (image zeros, label -1): every sample is counted exactly once across
+  ranks, and all ranks yield the same number of batches.
+- Within a rank the slice is split among ``S = max(1, num_workers)`` streams in whole batches: stream ``w``
   owns a contiguous block of the slice, reads its segments (shard, first sample, last sample) in order,
   shuffles through a buffer seeded by ``(seed, epoch, rank, w)`` (train only) and yields collated
   batches. The consumer receives batches round-robin across streams, so batch ``k`` of the epoch is
   batch ``k // S`` of stream ``k % S``: the whole epoch is a pure function of
   ``(manifest, seed, epoch, rank, world_size, batch_size, num_workers, shuffle_buffer)``.
+  ``num_workers=0`` reads the single stream in the consumer process.
 
-Resume. ``state_dict()`` records the epoch and the number of batches the consumer has received. At the
-same world size, batch size and worker count, ``load_state_dict`` continues the epoch exactly: streams
-fast-forward past the consumed batches (raw bytes only, nothing is decoded) and the remaining batches are
-identical, in the same order, to those of an uninterrupted run. If the world size, batch size or worker
-count changed, the epoch continues from the same fraction of samples consumed
-(``batch = floor(consumed_samples / (world * B))``) under the new layout: within that one epoch some
-samples may repeat and others be skipped; later epochs are exact again. A warning is logged.
+Resume. ``state_dict()`` records the epoch and the number of batches the consumer has received (and
+``num_workers``, which shapes the order). At the same world size, batch size and worker count,
+``load_state_dict`` continues the epoch exactly: streams fast-forward past the consumed batches (raw bytes
+only, nothing is decoded) and the remaining batches are identical, in the same order, to those of an
+uninterrupted run. If the world size, batch size or worker count changed, the epoch continues from the
+same fraction of samples consumed (``batch = floor(consumed_samples / (world * B))``) under the new layout:
+within that one epoch some samples may repeat and others be skipped; later epochs are exact again. A
+warning is logged.
 
 Reading. Shards are read as byte streams with a large buffer; ustar headers are parsed here (about 10x
 cheaper per sample than ``tarfile``/webdataset). Samples stay raw bytes in the shuffle buffer and are
-decoded only when emitted. Images are collated as uint8 (N,C,H,W); the float conversion happens in the
-consumer process (``raw=True`` leaves it to the trainer, on the device).
+decoded only when emitted. Workers collate uint8 (N,C,H,W) batches into a shared-memory ring and send only
+the slot number; the consumer process makes its own copy, as float32 / 255 unless ``raw=True`` (the
+trainer converts on the device: 4x less host-to-device traffic).
 """
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import io
 import logging
@@ -42,6 +44,8 @@ import math
 import os
 import random
 import re
+import signal
+import threading
 import time
 import zlib
 from collections.abc import Iterable, Iterator
@@ -69,6 +73,10 @@ _BLOCK = 512
 _ZERO_BLOCK = bytes(_BLOCK)
 _CHUNK = 4 << 20  # read size: few syscalls / object-store requests per shard
 _PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+_NPY_HEADER = re.compile(  # what np.save writes (keys sorted), e.g. {'descr': '|u1', 'fortran_order': ...
+    r"\{'descr': '(?P<descr>[^']+)', 'fortran_order': (?P<fortran>True|False), "
+    r"'shape': \((?P<shape>[0-9, ]*)\), *\}"
+)
 
 
 class DataError(Exception):
@@ -384,7 +392,7 @@ class _TarStream:
             if kind in (b"0", b"\0", b"7"):
                 if name_override is None:
                     name = hdr[:100].split(b"\0", 1)[0]
-                    if hdr[345] and hdr[257:262] == b"ustar":  # ustar prefix for long paths
+                    if hdr[345] and hdr[257:263] == b"ustar\0":  # POSIX prefix (old GNU keeps times there)
                         name = hdr[345:500].split(b"\0", 1)[0] + b"/" + name
                     name_override = name.decode("utf-8", "replace")
                 return name_override, size if size_override is None else size_override
@@ -444,7 +452,7 @@ def _iter_samples(
         k, ext = (name, "") if dot < 0 else (name[:dot], name[dot + 1 :])
         if k != key:
             if sample is not None:
-                yield key, sample  # type: ignore[misc]
+                yield key, sample
             index, key = index + 1, k
             sample = None
             if index >= stop:
@@ -461,7 +469,7 @@ def _iter_samples(
         else:
             tar.drop(size)
     if sample is not None:
-        yield key, sample  # type: ignore[misc]
+        yield key, sample
     if index + 1 < stop:
         raise DataError(
             f"{url} holds {index + 1} samples, its manifest entry says {total if total is not None else stop}; "
@@ -510,10 +518,16 @@ class _Decoder:
             raise DataError(f"{key}.npy in {url} is not a .npy file; re-create the shard set")
         head = 10 if data[6] == 1 else 12
         end = head + int.from_bytes(data[8:head], "little")
+        # A regex, not ast.literal_eval (nor np.load, which uses it): concurrent calls from threads can
+        # raise "SystemError: AST constructor recursion depth mismatch" on CPython 3.11 (cpython#106905),
+        # and open_shards checks shards from a thread pool.
+        meta = _NPY_HEADER.fullmatch(data[head:end].decode("latin1").strip())
         try:
-            meta = ast.literal_eval(data[head:end].decode("latin1"))
-            dtype, fortran, shape = np.dtype(meta["descr"]), meta["fortran_order"], tuple(meta["shape"])
-        except (ValueError, SyntaxError, KeyError, TypeError):
+            if meta is None:
+                raise ValueError
+            dtype, fortran = np.dtype(meta["descr"]), meta["fortran"] == "True"
+            shape = tuple(int(d) for d in meta["shape"].replace(",", " ").split())
+        except (TypeError, ValueError):
             raise DataError(f"{key}.npy in {url} has a corrupt header; re-create the shard set") from None
         if dtype != np.uint8 or fortran or shape not in ((h, w, c), (h, w) if c == 1 else (h, w, c)):
             raise DataError(
@@ -570,21 +584,28 @@ class _Decoder:
 
 class _Slots:
     """A ring of ``depth`` batch buffers per worker in shared memory, mapped by the consumer before the
-    workers start: a worker fills a slot and sends only its number, the consumer reads it in place.
+    workers start (one ring per epoch): a worker fills a slot and sends only its number, the consumer
+    reads it in place.
 
-    Sending a fresh shared tensor per batch instead costs ~2x the CPU of the whole read+decode (new shm
-    file, page faults on both sides, a file-descriptor hand-over). A worker reuses a slot only after the
-    consumer has released it; with ``depth`` > prefetch_factor + 1 the DataLoader's bound on tasks in
-    flight means that wait never happens, it is a guard.
+    Sending a fresh shared tensor per batch instead costs more CPU than reading and decoding the batch
+    (a new shm file, page faults on both sides, a file-descriptor hand-over through a socket). A worker
+    reuses a slot only after the consumer has released it; with ``depth`` > prefetch_factor + 1 the
+    DataLoader's bound on tasks in flight means the wait never happens: it is a guard.
     """
 
     def __init__(self, workers: int, depth: int, shape: tuple[int, int, int, int]) -> None:
-        self.depth = depth
-        self.images = torch.empty((workers, depth, *shape), dtype=torch.uint8).share_memory_()
+        self.depth, self.consumer = depth, os.getpid()
+        # Created like default_collate's batches: pages are committed on first write, not here.
+        storage = torch.UntypedStorage._new_shared(workers * depth * math.prod(shape))
+        self.images = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (workers, depth, *shape))
         self.released = torch.zeros(workers, dtype=torch.int64).share_memory_()  # batches done, per worker
 
     def acquire(self, worker: int, index: int) -> np.ndarray:
         while int(self.released[worker]) <= index - self.depth:
+            try:
+                os.kill(self.consumer, 0)
+            except ProcessLookupError:
+                raise SystemExit(1) from None  # the consumer died without releasing: nobody will
             time.sleep(0.0005)
         return self.images[worker, index % self.depth].numpy()
 
@@ -709,7 +730,7 @@ def _run_stream(
     for index in range(s.batches):
         chunk = list(islice(samples, batch_size))
         if len(chunk) != batch_size:
-            raise DataError(f"shards ended early ({s.segments[-1][0]}); re-create the shard set")
+            raise DataError(f"the shards hold fewer samples than the manifest lists: {s.segments}")
         if slots is None:  # single process: a fresh array per batch
             images = np.empty((batch_size, c, h, w), np.uint8)
             yield {"image": images, **decoder.collate(chunk, images, with_keys)}
@@ -776,8 +797,7 @@ class ShardLoader:
         self.raw, self.pin_memory, self.prefetch_factor = raw, pin_memory, prefetch_factor
         self.with_keys = with_keys
         self._decoder = _Decoder(shards.encoding, shards.image_shape)
-        self._slots: _Slots | None = None
-        if len(self) == 0:
+        if self.train and len(self) == 0:  # an empty val split just yields nothing
             raise DataError(
                 f"split {split!r} of {shards.root} has {self.split.count} samples, fewer than "
                 f"world_size x batch_size = {world_size * batch_size}; lower the batch size"
@@ -852,7 +872,8 @@ class ShardLoader:
             )
             # Fewer batches left than workers: only the first workers have any (see _plan's rotation).
             workers = min(self.num_workers, len(self) - start)
-            slots = self._slots_for_epoch() if workers > 0 else None
+            shape = (self.batch_size, *self.image_shape)
+            slots = _Slots(workers, self.prefetch_factor + 2, shape) if workers > 0 else None
             dataset = _EpochDataset(
                 plans, self._decoder, self.batch_size, self.shuffle_buffer, self.with_keys, slots
             )
@@ -866,6 +887,7 @@ class ShardLoader:
                 # (which starts a fresh iterator mid-epoch) would see different noise than a straight run.
                 generator=torch.Generator(),
                 collate_fn=_as_is,
+                worker_init_fn=_survive_foreign_sigterm,
             )
             batches = iter(loader)
             error = None
@@ -890,21 +912,14 @@ class ShardLoader:
             finally:
                 if slots is not None:
                     slots.release_all()
-                # Shut the workers down now (before the slots are reused, and not whenever a traceback
-                # that references the DataLoader iterator happens to be collected).
-                batches._shutdown_workers()
+                # Stop the workers now, not whenever a traceback that references the iterator is collected.
+                shutdown = getattr(batches, "_shutdown_workers", None)  # absent with num_workers=0
+                if shutdown is not None:
+                    shutdown()
             if error is not None:
                 raise DataError(error)
         self.epoch += 1
         self.batch = 0
-
-    def _slots_for_epoch(self) -> _Slots:
-        shape = (self.batch_size, *self.image_shape)
-        depth = self.prefetch_factor + 2
-        if self._slots is None or self._slots.images.shape != (self.num_workers, depth, *shape):
-            self._slots = _Slots(self.num_workers, depth, shape)
-        self._slots.released.zero_()
-        return self._slots
 
     def _output_images(self, images: np.ndarray, owned: bool = False) -> torch.Tensor:
         """The consumer's copy of a uint8 batch: float32 / 255 unless raw; pinned when asked (CUDA)."""
@@ -917,7 +932,26 @@ class ShardLoader:
         return torch.from_numpy(images if owned else images.copy())
 
 
+def _survive_foreign_sigterm(_: int) -> None:
+    """Slurm's SIGTERM (scancel, preemption) reaches every process of a job step, loader workers included.
+    torch's worker handler dies on a SIGTERM that its parent did not send, which would crash the epoch before
+    the trainer can checkpoint; here only the parent's SIGTERM (shutdown) ends a worker."""
+    parent = os.getppid()
+    signal.pthread_sigmask(
+        signal.SIG_BLOCK, {signal.SIGTERM}
+    )  # before the thread starts: it inherits the mask
+
+    def wait() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=wait, daemon=True, name="sigterm").start()
+
+
 def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
+    """collate_fn: keep the worker's numpy labels (default_convert would make tensors, each of which
+    travels as a shared-memory file with its own file-descriptor hand-over)."""
     return batch
 
 

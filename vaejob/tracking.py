@@ -12,6 +12,7 @@ import logging
 import os
 import secrets
 import string
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -101,16 +102,26 @@ class Tracker:
         run.define_metric("*", step_metric="trainer/step")
         return run
 
+    def _wandb_call(self, fn: Callable[[], Any]) -> None:
+        """W&B is a mirror: if its service dies (Slurm's SIGTERM reaches every process of a step, W&B's too),
+        warn once and go on; metrics.jsonl keeps everything and the next (requeued) job reattaches."""
+        if self.wandb is None:
+            return
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - any W&B failure must not cost the training run
+            log.warning("W&B stopped working (%s: %s); metrics.jsonl continues", type(e).__name__, e)
+            self.wandb = None
+
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         if self._file is not None:
             self._file.write(json.dumps(record) + "\n")
-        if self.wandb is not None:
-            split = record.get("split", "train")
-            payload = {f"{split}/{k}": v for k, v in record.items() if k not in ("step", "split")}
-            payload["trainer/step"] = record["step"]
-            self.wandb.log(payload)
+        split = record.get("split", "train")
+        payload = {f"{split}/{k}": v for k, v in record.items() if k not in ("step", "split")}
+        payload["trainer/step"] = record["step"]
+        self._wandb_call(lambda: self.wandb.log(payload))
 
     def log_images(self, step: int, images: dict[str, np.ndarray]) -> None:
         if self.wandb is None:
@@ -119,20 +130,19 @@ class Tracker:
 
         payload: dict[str, Any] = {f"images/{k}": wandb.Image(v) for k, v in images.items()}
         payload["trainer/step"] = step
-        self.wandb.log(payload)
+        self._wandb_call(lambda: self.wandb.log(payload))
 
     def summary(self, values: dict[str, Any]) -> None:
-        if self.wandb is not None:
-            self.wandb.summary.update(values)
+        self._wandb_call(lambda: self.wandb.summary.update(values))
 
     def finish(self, exit_code: int = 0) -> None:
         if not self.enabled:
             return
         if self._file is not None:
             self._file.close()
-        if self.wandb is not None:
-            self.wandb.finish(exit_code=exit_code)
-            self.wandb = None
+            self._file = None
+        self._wandb_call(lambda: self.wandb.finish(exit_code=exit_code))
+        self.wandb = None
 
 
 def _has_netrc_key() -> bool:

@@ -73,11 +73,6 @@ class Trainer:
             self.model = torch.compile(self.model)
         self.train_loader = self._loader("train")
         self.val_loader = self._loader("val")
-        if len(self.train_loader) == 0:
-            raise DataError(
-                f"the train split has {self.train_loader.num_samples} samples, fewer than "
-                f"{self.world} ranks x train.batch_size {t.batch_size}; lower train.batch_size"
-            )
         self.step = 0
         self.window = torch.zeros(3, device=self.device)  # loss, recon, kl sums over the open log window
         self.window_steps = 0
@@ -479,8 +474,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s vaejob %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint chatter
+    if not log.handlers:  # our own handler, not the root's: launchers (submitit) keep their logging as is
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s vaejob %(message)s", datefmt="%H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
     try:
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
