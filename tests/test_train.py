@@ -148,6 +148,24 @@ def test_resume_after_crash_matches_straight_run(shards, tmp_path):
     assert len(runs) == 2 and len({r.rsplit("-", 1)[1] for r in runs}) == 1
 
 
+def start_and_wait(cmd: list[str], run_dir: Path, min_logged: int) -> subprocess.Popen:
+    """Start the job in its own session and return once it has logged ``min_logged`` train events."""
+    proc = subprocess.Popen(
+        cmd,
+        env=cpu_env(),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.time() + 120
+    while not (run_dir / "metrics.jsonl").exists() or len(steps(run_dir)) < min_logged:
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    return proc
+
+
 def test_sigusr1_checkpoints_and_exits_75_then_resumes_exactly_two_ranks(shards, tmp_path):
     kw = {
         "train.max_steps": 40,
@@ -158,19 +176,7 @@ def test_sigusr1_checkpoints_and_exits_75_then_resumes_exactly_two_ranks(shards,
     straight, preempted = tmp_path / "straight", tmp_path / "preempted"
     cp = train(shards, straight, nproc=2, **kw)
     assert cp.returncode == 0, cp.stderr[-3000:]
-    proc = subprocess.Popen(
-        launch_cmd(2) + tiny_overrides(shards, preempted, **kw),
-        env=cpu_env(),
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    deadline = time.time() + 120
-    while not (preempted / "metrics.jsonl").exists() or len(steps(preempted)) < 5:
-        assert time.time() < deadline and proc.poll() is None
-        time.sleep(0.05)
+    proc = start_and_wait(launch_cmd(2) + tiny_overrides(shards, preempted, **kw), preempted, 5)
     # What SLURM does before preemption: signal the training processes (both ranks here; one rank is enough).
     workers = subprocess.run(
         ["pgrep", "-f", f"run.dir={preempted}"], capture_output=True, text=True
@@ -194,19 +200,7 @@ def test_sigterm_to_every_process_checkpoints_and_exits_75(shards, tmp_path):
     """Slurm's SIGTERM reaches every process of the step: loader workers and W&B's service too."""
     run_dir = tmp_path / "run"
     overrides = {"train.max_steps": 100000, "train.checkpoint_every": 1000, "data.num_workers": 2}
-    proc = subprocess.Popen(
-        launch_cmd(1) + tiny_overrides(shards, run_dir, **overrides),
-        env=cpu_env(),
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    deadline = time.time() + 120
-    while not (run_dir / "metrics.jsonl").exists() or len(steps(run_dir)) < 2:
-        assert time.time() < deadline and proc.poll() is None
-        time.sleep(0.05)
+    proc = start_and_wait(launch_cmd(1) + tiny_overrides(shards, run_dir, **overrides), run_dir, 2)
     os.killpg(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 75, err[-3000:]

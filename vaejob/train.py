@@ -47,6 +47,18 @@ class NonFiniteError(RuntimeError):
     pass
 
 
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
+    """AdamW over the model's parameters. The fused kernel on CPU and CUDA: one pass over all parameters
+    instead of ~10 small ops per tensor (measured 0.2 vs 0.8 ms a step on CPU for the default model, about 5%
+    of a batch-32 step); the same update up to float rounding."""
+    t = cfg.train
+    params = list(model.parameters())
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype == torch.float32 for p in params)
+    return torch.optim.AdamW(
+        params, lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay, fused=fused or None
+    )
+
+
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -65,9 +77,7 @@ class Trainer:
         model = build_model(cfg.model, self.image_shape)
         if t.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        opt = torch.optim.AdamW(
-            model.parameters(), lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay
-        )
+        opt = build_optimizer(model, cfg)
         self.model, self.opt = self.acc.prepare(model, opt)
         if t.compile:
             self.model = torch.compile(self.model)
@@ -81,6 +91,8 @@ class Trainer:
         self.skipped_steps = 0
         # Non-finite losses are recorded on the device (no per-step host sync) and checked at log boundaries.
         self.first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
+        self.progress: Any = None  # rank 0's tqdm bar while the loop runs
+        self.postfix: dict[str, str] = {}
         self.signal_group = None
         if self.world > 1 and dist.get_backend() != "gloo":
             self.signal_group = dist.new_group(backend="gloo")  # stop flag on CPU: no GPU sync per step
@@ -232,11 +244,11 @@ class Trainer:
 
     def loop(self) -> int:
         t, main = self.cfg.train, self.acc.is_main_process
-        progress = None
+        progress = self.progress = None
         if main and t.progress:
             from tqdm import tqdm
 
-            progress = tqdm(
+            progress = self.progress = tqdm(
                 total=t.max_steps, initial=self.step, unit="step", dynamic_ncols=True, file=sys.stderr
             )
         window_images, window_start = 0, time.perf_counter()
@@ -296,12 +308,14 @@ class Trainer:
                     "grad_norm": float(grad_norm) if grad_norm is not None else None,
                     "images_per_s": window_images / elapsed,
                     "epoch": self.train_loader.epoch,
+                    "time": time.time(),  # wall clock: time to quality from the job's launch
                 }
                 if self.skipped_steps:
                     record["skipped_steps"] = self.skipped_steps
                 self.tracker.log(record)
                 if progress is not None:
-                    progress.set_postfix(loss=f"{record['loss']:.2f}", img_s=f"{record['images_per_s']:.0f}")
+                    self.postfix.update(loss=f"{record['loss']:.2f}", img_s=f"{record['images_per_s']:.0f}")
+                    progress.set_postfix(self.postfix)
                 self.window.zero_()
                 self.window_steps = 0
                 window_images, window_start = 0, time.perf_counter()
@@ -387,12 +401,25 @@ class Trainer:
             "active_units": int((var > ACTIVE_UNIT_THRESHOLD).sum().item()),
             "count": int(count),
         }
+        units = {"active z": f"{record['active_units']}/{d}"}
         if hidden_max is not None:
             if self.world > 1:
                 hidden_max = _all_max(hidden_max)
             record["dead_hidden_units"] = int((hidden_max <= 0).sum().item())
             record["hidden_units"] = int(hidden_max.numel())
+            units["dead hidden"] = f"{record['dead_hidden_units']}/{record['hidden_units']}"
+        record["time"] = time.time()
         self.tracker.log(record)
+        # Stranded units show at the first evaluation, not only in metrics.jsonl after the run.
+        self.info(
+            f"step {self.step} val -ELBO {record['nelbo']:.2f} nats, "
+            + ", ".join(f"{k} {v}" for k, v in units.items())
+        )
+        if self.progress is not None:
+            self.postfix.update(
+                val=f"{record['nelbo']:.2f}", **{k.replace(" ", "_"): v for k, v in units.items()}
+            )
+            self.progress.set_postfix(self.postfix)
         if was_training:
             model.train()
         return record
