@@ -255,6 +255,28 @@ def test_resume_continues_the_epoch_exactly(tiny_shards: str) -> None:
     assert keys_of(resumed) == single[3:]
 
 
+def test_workers_persist_across_epochs(tiny_shards: str) -> None:
+    import multiprocessing
+
+    def fresh(epoch: int, seed: int = 0) -> list[list[str]]:
+        with loader(tiny_shards, epoch=epoch, seed=seed, num_workers=2, raw=True, shuffle_buffer=50) as one:
+            return keys_of(one)
+
+    before = {p.pid for p in multiprocessing.active_children()}
+    with loader(tiny_shards, num_workers=2, raw=True, shuffle_buffer=50) as kept:
+        first = keys_of(kept)
+        workers = {p.pid for p in multiprocessing.active_children()} - before
+        assert len(workers) == 2  # started by the first epoch, alive after it
+        assert first == fresh(0)
+        assert keys_of(kept, limit=2) == fresh(1)[:2]  # stopped mid-epoch 1 ...
+        kept.set_epoch(2)  # ... then moved on: the same workers serve the new position
+        assert keys_of(kept) == fresh(2) != first
+        kept.load_state_dict({**kept.state_dict(), "seed": 7, "batch": 3})  # epoch 3 of another seed
+        assert keys_of(kept) == fresh(3, seed=7)[3:]
+        assert workers <= {p.pid for p in multiprocessing.active_children()}
+    assert not workers & {p.pid for p in multiprocessing.active_children()}  # close() stopped them
+
+
 def test_resume_with_another_world_size(tiny_shards: str, caplog: pytest.LogCaptureFixture) -> None:
     old = loader(tiny_shards, num_workers=2, world_size=2)
     keys_of(old, limit=3)

@@ -316,6 +316,19 @@ def test_bad_config_one_line_exit_2(shards, tmp_path, args, message):
     assert not (tmp_path / "run").exists()
 
 
+def test_bare_no_is_the_no_precision_choice(tmp_path):
+    """YAML 1.1 reads a bare ``no`` as False: both spellings users type must still mean mixed_precision "no"."""
+    from vaejob.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(str(path)).train.mixed_precision == "no"
+    cfg = load_config(
+        "configs/fashion_mnist.yaml", ["train.mixed_precision=bf16", "train.mixed_precision=no"]
+    )
+    assert cfg.train.mixed_precision == "no"
+
+
 def test_resume_never_refuses_to_clobber(shards, tmp_path):
     run_dir = tmp_path / "run"
     assert train(shards, run_dir, **{"train.max_steps": 10, "wandb.mode": "disabled"}).returncode == 0

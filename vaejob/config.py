@@ -125,6 +125,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected."""
     origin = typing.get_origin(tp)
     if origin is Literal:
+        if value is False and "no" in typing.get_args(tp):  # YAML 1.1 reads a bare `no` as False
+            value = "no"
         if value not in typing.get_args(tp):
             choices = "|".join(str(a) for a in typing.get_args(tp))
             raise ConfigError(f"config key '{key}' is {value!r}; use one of {choices}")

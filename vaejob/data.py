@@ -32,7 +32,9 @@ Reading. Shards are read as byte streams with a large buffer; ustar headers are 
 cheaper per sample than ``tarfile``/webdataset). Samples stay raw bytes in the shuffle buffer and are
 decoded only when emitted. Workers collate uint8 (N,C,H,W) batches into a shared-memory ring and send only
 the slot number; the consumer process makes its own copy, as float32 / 255 unless ``raw=True`` (the
-trainer converts on the device: 4x less host-to-device traffic).
+trainer converts on the device: 4x less host-to-device traffic). Worker processes start at the first
+``iter()`` and serve every later epoch (they read the new position from shared memory); ``close()`` or
+``with make_loader(...) as loader:`` stops them.
 """
 
 from __future__ import annotations
@@ -584,8 +586,8 @@ class _Decoder:
 
 class _Slots:
     """A ring of ``depth`` batch buffers per worker in shared memory, mapped by the consumer before the
-    workers start (one ring per epoch): a worker fills a slot and sends only its number, the consumer
-    reads it in place.
+    workers start (one ring for the workers' lifetime): a worker fills a slot and sends only its number,
+    the consumer reads it in place.
 
     Sending a fresh shared tensor per batch instead costs more CPU than reading and decoding the batch
     (a new shm file, page faults on both sides, a file-descriptor hand-over through a socket). A worker
@@ -740,30 +742,48 @@ def _run_stream(
 
 
 class _EpochDataset(IterableDataset):
-    def __init__(
-        self,
-        streams: list[_Stream],
-        decoder: _Decoder,
-        batch_size: int,
-        shuffle_buffer: int,
-        with_keys: bool,
-        slots: _Slots | None,
-    ) -> None:
-        self.streams, self.decoder, self.slots = streams, decoder, slots
-        self.batch_size, self.shuffle_buffer, self.with_keys = batch_size, shuffle_buffer, with_keys
+    """What every worker runs: the epoch, first batch and seed are read from shared memory at each
+    ``iter()``, so persistent workers follow ``set_epoch`` / ``load_state_dict`` without a restart."""
+
+    def __init__(self, loader: ShardLoader, slots: _Slots | None) -> None:
+        self.split, self.train, self.rank, self.world = (
+            loader.split,
+            loader.train,
+            loader.rank,
+            loader.world_size,
+        )
+        self.batch_size, self.streams, self.shuffle_buffer = (
+            loader.batch_size,
+            loader.streams,
+            loader.shuffle_buffer,
+        )
+        self.decoder, self.with_keys, self.slots = loader._decoder, loader.with_keys, slots
+        self.where = torch.zeros(3, dtype=torch.int64)  # (epoch, first batch, seed) of the next iter()
+        if slots is not None:
+            self.where.share_memory_()
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker = 0 if info is None else info.id
+        epoch, start, seed = self.where.tolist()
+        plan = _plan(
+            self.split,
+            train=self.train,
+            seed=seed,
+            epoch=epoch,
+            rank=self.rank,
+            world=self.world,
+            batch_size=self.batch_size,
+            streams=self.streams,
+            start=start,
+        )
         slots = None if info is None else self.slots
+        if slots is not None:
+            # A new epoch restarts this worker's batch count. Safe here: the previous epoch's tasks ran
+            # before this iter() (one queue per worker), and the consumer releases only new batches.
+            slots.released[worker] = 0
         return _run_stream(
-            self.streams[worker],
-            self.decoder,
-            self.batch_size,
-            self.shuffle_buffer,
-            self.with_keys,
-            slots,
-            worker,
+            plan[worker], self.decoder, self.batch_size, self.shuffle_buffer, self.with_keys, slots, worker
         )
 
 
@@ -797,6 +817,7 @@ class ShardLoader:
         self.raw, self.pin_memory, self.prefetch_factor = raw, pin_memory, prefetch_factor
         self.with_keys = with_keys
         self._decoder = _Decoder(shards.encoding, shards.image_shape)
+        self._pool: tuple[_EpochDataset, DataLoader] | None = None
         if self.train and len(self) == 0:  # an empty val split just yields nothing
             raise DataError(
                 f"split {split!r} of {shards.root} has {self.split.count} samples, fewer than "
@@ -859,37 +880,15 @@ class ShardLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         start = self.batch
         if start < len(self):
-            plans = _plan(
-                self.split,
-                train=self.train,
-                seed=self.seed,
-                epoch=self.epoch,
-                rank=self.rank,
-                world=self.world_size,
-                batch_size=self.batch_size,
-                streams=self.streams,
-                start=start,
-            )
-            # Fewer batches left than workers: only the first workers have any (see _plan's rotation).
-            workers = min(self.num_workers, len(self) - start)
-            shape = (self.batch_size, *self.image_shape)
-            slots = _Slots(workers, self.prefetch_factor + 2, shape) if workers > 0 else None
-            dataset = _EpochDataset(
-                plans, self._decoder, self.batch_size, self.shuffle_buffer, self.with_keys, slots
-            )
-            loader = DataLoader(
-                dataset,
-                batch_size=None,
-                num_workers=workers,
-                persistent_workers=False,
-                prefetch_factor=self.prefetch_factor if workers > 0 else None,
-                # Its own generator: iterating must not draw from the global torch RNG, or a resumed job
-                # (which starts a fresh iterator mid-epoch) would see different noise than a straight run.
-                generator=torch.Generator(),
-                collate_fn=_as_is,
-                worker_init_fn=_survive_foreign_sigterm,
-            )
-            batches = iter(loader)
+            if self.num_workers == 0:
+                dataset = _EpochDataset(self, None)
+                dataset.where.copy_(torch.tensor([self.epoch, start, self.seed]))
+                batches: Iterator[dict[str, Any]] = iter(dataset)
+                slots = None
+            else:
+                dataset, pool = self._workers()
+                dataset.where.copy_(torch.tensor([self.epoch, start, self.seed]))
+                batches, slots = iter(pool), dataset.slots
             error = None
             try:
                 for batch in batches:
@@ -909,17 +908,54 @@ class ShardLoader:
                     yield out
             except DataError as e:  # a worker's error arrives wrapped in a traceback: keep its message
                 error = _last_line(str(e))
+            except GeneratorExit:  # the consumer stopped mid-epoch: the workers wait for the next iter()
+                raise
+            except BaseException:
+                self.close()
+                raise
             finally:
                 if slots is not None:
                     slots.release_all()
-                # Stop the workers now, not whenever a traceback that references the iterator is collected.
-                shutdown = getattr(batches, "_shutdown_workers", None)  # absent with num_workers=0
-                if shutdown is not None:
-                    shutdown()
             if error is not None:
+                self.close()
                 raise DataError(error)
         self.epoch += 1
         self.batch = 0
+
+    def _workers(self) -> tuple[_EpochDataset, DataLoader]:
+        """The worker processes, started at the first iteration and kept across epochs (each start costs
+        a fork, a ring of fresh shared pages and a DataLoader hand-shake: ~20% of a short epoch)."""
+        if self._pool is None:
+            shape = (self.batch_size, *self.image_shape)
+            dataset = _EpochDataset(self, _Slots(self.num_workers, self.prefetch_factor + 2, shape))
+            pool = DataLoader(
+                dataset,
+                batch_size=None,
+                num_workers=self.num_workers,
+                persistent_workers=True,
+                prefetch_factor=self.prefetch_factor,
+                # Its own generator: iterating must not draw from the global torch RNG, or a resumed job
+                # (which starts a fresh iterator mid-epoch) would see different noise than a straight run.
+                generator=torch.Generator(),
+                collate_fn=_as_is,
+                worker_init_fn=_survive_foreign_sigterm,
+            )
+            self._pool = (dataset, pool)
+        return self._pool
+
+    def close(self) -> None:
+        """Stops the worker processes now (else they live as long as the loader). Iterating restarts them."""
+        if self._pool is not None:
+            iterator = self._pool[1]._iterator  # None until the first iter()
+            if iterator is not None:
+                iterator._shutdown_workers()
+            self._pool = None
+
+    def __enter__(self) -> ShardLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _output_images(self, images: np.ndarray, owned: bool = False) -> torch.Tensor:
         """The consumer's copy of a uint8 batch: float32 / 255 unless raw; pinned when asked (CUDA)."""

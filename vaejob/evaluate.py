@@ -172,6 +172,7 @@ def evaluate(
             sums.class_nelbo.index_add_(0, labels[labelled], nelbo[labelled])
             sums.class_count.index_add_(0, labels[labelled], torch.ones_like(nelbo[labelled]))
     progress.close()
+    loader.close()
     sums.reduce(acc)
     return _metrics(sums, shards, model), torch.stack(first) if first else torch.zeros(0)
 

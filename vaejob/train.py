@@ -214,6 +214,8 @@ class Trainer:
         finally:
             for s, h in old_handlers.items():
                 signal.signal(s, h)
+            self.train_loader.close()  # the loader worker processes (kept across epochs)
+            self.val_loader.close()
         state = {EXIT_OK: "completed", EXIT_PREEMPTED: "preempted"}.get(code, "failed")
         if main:
             self.write_status(state)

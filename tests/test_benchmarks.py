@@ -1,0 +1,63 @@
+"""The benchmarks in their reduced CI form: they run end to end and produce sane numbers (never timing asserts)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import FASHION_MNIST_DIR, FASHION_MNIST_FILES
+from tests.util import REPO, cpu_env
+
+pytestmark = pytest.mark.slow
+
+
+def _bench(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    env = cpu_env()
+    env.pop("OMP_NUM_THREADS")  # the benchmarks run with the machine's default threads, as users do
+    cp = subprocess.run(
+        [sys.executable, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+    assert cp.returncode == 0, cp.stdout[-3000:] + cp.stderr[-3000:]
+    return cp
+
+
+def test_time_to_quality_quick(tmp_path):
+    missing = [f for f in FASHION_MNIST_FILES if not (Path(FASHION_MNIST_DIR) / f).is_file()]
+    if missing:
+        pytest.skip(f"Fashion-MNIST not in {FASHION_MNIST_DIR}: apt-get install dataset-fashion-mnist")
+    out = tmp_path / "ttq.json"
+    cp = _bench(
+        ["benchmarks/time_to_quality.py", "--quick", "--work", str(tmp_path), "--json", str(out)], timeout=600
+    )
+    assert re.search(r"seed\s+side\s+epoch\s+wall s\s+val -ELBO", cp.stdout), cp.stdout
+    assert "Wall s to reach the val -ELBO" in cp.stdout and "judged on the full run only" in cp.stdout
+    results = json.loads(out.read_text())
+    assert list(results) == ["0"]
+    assert list(results["0"]) == ["seed", "vaejob 2x1"]  # the default launch: 2 processes x 1 thread
+    for side, res in results["0"].items():
+        evals = res["evals"]
+        assert len(evals) >= 2, (side, evals)
+        nelbo = [e["nelbo"] for e in evals]
+        wall = [e["wall_s"] for e in evals]
+        assert all(math.isfinite(v) and 0 < v < 2000 for v in nelbo), (side, nelbo)
+        assert nelbo[-1] < nelbo[0], (side, nelbo)  # it learns
+        assert all(0 < a < b for a, b in zip(wall, wall[1:], strict=False)), (side, wall)
+        assert wall[-1] <= res["total_s"]
+        assert all(0 <= e["active_units"] <= 16 for e in evals)
+    seed_evals = results["0"]["seed"]["evals"]
+    assert all(0 <= e["dead_hidden_units"] <= e["hidden_units"] == 16 for e in seed_evals)
+
+
+def test_train_throughput_quick():
+    cp = _bench(["benchmarks/train_throughput.py", "--rounds", "2", "--chunk", "10", "--warmup", "3"], 300)
+    m = re.search(r"trainer / bare = ([0-9.]+)", cp.stdout)
+    assert m, cp.stdout
+    assert 0.2 < float(m.group(1)) < 5  # a sanity bound, not a speed target: CI machines are noisy
+    rates = re.findall(r"^(bare|trainer)\s+(\d+)", cp.stdout, flags=re.M)
+    assert [k for k, _ in rates] == ["bare", "trainer"] and all(int(v) > 0 for _, v in rates)
