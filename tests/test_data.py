@@ -277,6 +277,43 @@ def test_workers_persist_across_epochs(tiny_shards: str) -> None:
     assert not workers & {p.pid for p in multiprocessing.active_children()}  # close() stopped them
 
 
+_SIGTERM_STORM = """
+import os, signal, subprocess, sys
+from vaejob.data import make_loader
+received = []
+signal.signal(signal.SIGTERM, lambda *_: received.append(1))
+os.setpgrp()  # a process group of our own, as a Slurm job step has: the storm hits it, not pytest
+storm = subprocess.Popen([sys.executable, "-c", "import os, signal, sys, time\\nwhile True:\\n"
+                          "    os.killpg(int(sys.argv[1]), signal.SIGTERM); time.sleep(0.002)", str(os.getpgrp())])
+try:
+    for _ in range(20):  # fresh loaders: every one forks its workers under the storm
+        with make_loader(sys.argv[1], "train", 8, num_workers=2, rank=0, world_size=1) as loader:
+            counts = []
+            for epoch in range(2):
+                loader.set_epoch(epoch)
+                counts.append(sum(len(b["image"]) for b in loader))
+finally:
+    storm.kill()
+print(len(received) > 0, counts)
+"""
+
+
+def test_workers_survive_a_sigterm_storm(tiny_shards: str) -> None:
+    """Slurm's SIGTERM reaches every process of the step, loader workers included, even one that is still
+    starting: the workers must live on (only the trainer decides to stop) and every epoch must be whole."""
+    cp = subprocess.run(
+        [sys.executable, "-c", _SIGTERM_STORM, tiny_shards],
+        env=cpu_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert cp.returncode == 0, cp.stderr[-2000:]
+    full = manifest(tiny_shards)["splits"]["train"]["count"] // 8 * 8
+    assert cp.stdout.split("\n")[-2] == f"True [{full}, {full}]", cp.stdout
+
+
 def test_resume_with_another_world_size(tiny_shards: str, caplog: pytest.LogCaptureFixture) -> None:
     old = loader(tiny_shards, num_workers=2, world_size=2)
     keys_of(old, limit=3)

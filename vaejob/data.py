@@ -52,6 +52,7 @@ import time
 import zlib
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain, islice, repeat
 from typing import IO, Any
@@ -888,7 +889,9 @@ class ShardLoader:
             else:
                 dataset, pool = self._workers()
                 dataset.where.copy_(torch.tensor([self.epoch, start, self.seed]))
-                batches, slots = iter(pool), dataset.slots
+                with _sigterm_blocked():  # the first iter() forks the workers
+                    batches = iter(pool)
+                slots = dataset.slots
             error = None
             try:
                 for batch in batches:
@@ -966,6 +969,18 @@ class ShardLoader:
         if pin:
             return torch.from_numpy(images).pin_memory()  # the pinned copy is the consumer's own
         return torch.from_numpy(images if owned else images.copy())
+
+
+@contextmanager
+def _sigterm_blocked() -> Iterator[None]:
+    """Workers forked in here start with SIGTERM blocked (a fork inherits the mask, not pending signals), so
+    a step-wide SIGTERM cannot kill one before ``_survive_foreign_sigterm`` runs; one sent to this process
+    meanwhile waits, then reaches its handler."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _survive_foreign_sigterm(_: int) -> None:
