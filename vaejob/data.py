@@ -747,18 +747,11 @@ class _EpochDataset(IterableDataset):
     ``iter()``, so persistent workers follow ``set_epoch`` / ``load_state_dict`` without a restart."""
 
     def __init__(self, loader: ShardLoader, slots: _Slots | None) -> None:
-        self.split, self.train, self.rank, self.world = (
-            loader.split,
-            loader.train,
-            loader.rank,
-            loader.world_size,
-        )
-        self.batch_size, self.streams, self.shuffle_buffer = (
-            loader.batch_size,
-            loader.streams,
-            loader.shuffle_buffer,
-        )
-        self.decoder, self.with_keys, self.slots = loader._decoder, loader.with_keys, slots
+        self.split, self.train = loader.split, loader.train
+        self.rank, self.world = loader.rank, loader.world_size
+        self.batch_size, self.streams = loader.batch_size, loader.streams
+        self.shuffle_buffer, self.with_keys = loader.shuffle_buffer, loader.with_keys
+        self.decoder, self.slots = loader._decoder, slots
         self.where = torch.zeros(3, dtype=torch.int64)  # (epoch, first batch, seed) of the next iter()
         if slots is not None:
             self.where.share_memory_()
