@@ -874,17 +874,14 @@ class ShardLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         start = self.batch
         if start < len(self):
-            if self.num_workers == 0:
-                dataset = _EpochDataset(self, None)
-                dataset.where.copy_(torch.tensor([self.epoch, start, self.seed]))
+            dataset, pool = (_EpochDataset(self, None), None) if self.num_workers == 0 else self._workers()
+            dataset.where.copy_(torch.tensor([self.epoch, start, self.seed]))
+            slots = dataset.slots
+            if pool is None:
                 batches: Iterator[dict[str, Any]] = iter(dataset)
-                slots = None
             else:
-                dataset, pool = self._workers()
-                dataset.where.copy_(torch.tensor([self.epoch, start, self.seed]))
                 with _sigterm_blocked():  # the first iter() forks the workers
                     batches = iter(pool)
-                slots = dataset.slots
             error = None
             try:
                 for batch in batches:
