@@ -1,4 +1,4 @@
-"""Decoded images/s: torchvision ImageFolder vs the vaejob shard loader, on the same images.
+"""Decoded images/s: the vaejob shard loader vs torchvision ImageFolder and plain webdataset, on the same images.
 
     python benchmarks/data_throughput.py                 # 20k synthetic 64x64 RGB, 2 workers
     python benchmarks/data_throughput.py --num 2000      # quick (CI): a smoke test, mostly start-up costs
@@ -8,7 +8,10 @@ then times full epochs of:
 
   imagefolder     ImageFolder + PIL + ToTensor + DataLoader(batch_size, shuffle=True, num_workers=W,
                   persistent_workers=True)
-  vaejob-npy      vaejob loader on npy shards, float output (raw=False), same W
+  webdataset      the plain webdataset package on the SAME npy shards: WebDataset (shard shuffle, split by
+                  worker) -> shuffle(buffer) -> decode -> to_tuple -> batched -> float32 NCHW / 255,
+                  WebLoader(num_workers=W, persistent_workers=True)
+  vaejob-npy      vaejob loader on npy shards, float output (raw=False), same W and shuffle buffer
   read-only       W persistent workers iterating the npy shards' members without decoding (reader ceiling)
   vaejob-png      vaejob loader on png shards, float output (reference)
 
@@ -33,12 +36,17 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vaejob import data, shard
+from vaejob import shard
+from vaejob.loader import make_loader
+from vaejob.shards import ShardSet, open_shards
+from vaejob.shards.codec import Decoder
+from vaejob.shards.tar import read_segment
 
 
 def make_data(root: Path, num: int, size: int, workers: int) -> tuple[Path, Path, Path]:
@@ -52,11 +60,11 @@ def make_data(root: Path, num: int, size: int, workers: int) -> tuple[Path, Path
     if not folder.exists():
         tmp = folder.with_suffix(".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        shards = data.open_shards(str(npy))
-        decoder = data._Decoder(shards.encoding, shards.image_shape)
+        shards = open_shards(str(npy))
+        decoder = Decoder(shards.encoding, shards.image_shape)
         split = shards.split("train")
         for url, count in zip(split.urls, split.counts, strict=True):
-            for _, key, members in data._read_segment(url, 0, count, count, decoder.wanted):
+            for _, key, members in read_segment(url, 0, count, count, decoder.wanted):
                 label = int(members["cls"])
                 (tmp / f"class_{label}").mkdir(parents=True, exist_ok=True)
                 Image.fromarray(decoder.image(url, key, members)).save(tmp / f"class_{label}" / f"{key}.png")
@@ -83,8 +91,30 @@ def imagefolder(folder: Path, batch_size: int, workers: int) -> Callable[[int], 
     return lambda epoch: count(iter(loader))
 
 
-def vaejob_loader(shards: data.ShardSet, batch_size: int, workers: int) -> Callable[[int], int]:
-    loader = data.make_loader(shards, "train", batch_size, num_workers=workers, rank=0, world_size=1)
+def webdataset_loader(shards: ShardSet, batch_size: int, workers: int, buffer: int) -> Callable[[int], int]:
+    """The usual webdataset pipeline over the same npy shards, with the same output as the vaejob loader."""
+    import webdataset as wds
+
+    def to_float(images: Any) -> torch.Tensor:  # stacked uint8 N×H×W×C -> float32 N×C×H×W in [0, 1]
+        return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().float().div_(255)
+
+    urls = list(shards.split("train").urls)
+    pipeline = (
+        wds.WebDataset(urls, shardshuffle=len(urls), empty_check=False)
+        .shuffle(buffer)
+        .decode()
+        .to_tuple("npy", "cls")
+        .batched(batch_size, partial=False)
+        .map_tuple(to_float, torch.as_tensor)
+    )
+    loader = wds.WebLoader(pipeline, batch_size=None, num_workers=workers, persistent_workers=True)
+    return lambda epoch: count(iter(loader))
+
+
+def vaejob_loader(shards: ShardSet, batch_size: int, workers: int, buffer: int) -> Callable[[int], int]:
+    loader = make_loader(
+        shards, "train", batch_size, num_workers=workers, shuffle_buffer=buffer, rank=0, world_size=1
+    )
 
     def epoch(e: int) -> int:
         loader.set_epoch(e)
@@ -96,19 +126,19 @@ def vaejob_loader(shards: data.ShardSet, batch_size: int, workers: int) -> Calla
 class _ReadOnly(IterableDataset):
     """Worker i reads shards i, i+W, ...: every member's bytes, nothing decoded."""
 
-    def __init__(self, shards: data.ShardSet) -> None:
+    def __init__(self, shards: ShardSet) -> None:
         self.split = shards.split("train")
-        self.wanted = data._Decoder(shards.encoding, shards.image_shape).wanted
+        self.wanted = Decoder(shards.encoding, shards.image_shape).wanted
 
     def __iter__(self) -> Iterator[int]:
         info = get_worker_info()
         wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
         pairs = list(zip(self.split.urls, self.split.counts, strict=True))[wid::nw]
         for url, c in pairs:
-            yield sum(1 for _ in data._read_segment(url, 0, c, c, self.wanted))
+            yield sum(1 for _ in read_segment(url, 0, c, c, self.wanted))
 
 
-def read_only(shards: data.ShardSet, workers: int) -> Callable[[int], int]:
+def read_only(shards: ShardSet, workers: int) -> Callable[[int], int]:
     loader = DataLoader(_ReadOnly(shards), batch_size=None, num_workers=workers, persistent_workers=True)
     return lambda epoch: sum(loader)
 
@@ -142,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers for every method (default 2)")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--shuffle-buffer", type=int, default=2000, help="samples, vaejob and webdataset alike")
     p.add_argument("--repeats", type=int, default=5, help="interleaved rounds (default 5)")
     p.add_argument("--dir", help="keep the generated data here (default: a temporary directory, removed)")
     args = p.parse_args(argv)
@@ -156,13 +187,14 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         npy, png, folder = make_data(root, args.num, args.size, args.workers)
         print(f"data ready in {time.perf_counter() - t0:.1f} s under {root}")
-        npy_set, png_set = data.open_shards(str(npy)), data.open_shards(str(png))
-        b, w = args.batch_size, args.workers
+        npy_set, png_set = open_shards(str(npy)), open_shards(str(png))
+        b, w, buf = args.batch_size, args.workers, args.shuffle_buffer
         methods: dict[str, Callable[[int], int]] = {
             "imagefolder": imagefolder(folder, b, w),
-            "vaejob-npy": vaejob_loader(npy_set, b, w),
+            "webdataset": webdataset_loader(npy_set, b, w, buf),
+            "vaejob-npy": vaejob_loader(npy_set, b, w, buf),
             "read-only": read_only(npy_set, w),
-            "vaejob-png": vaejob_loader(png_set, b, w),
+            "vaejob-png": vaejob_loader(png_set, b, w, buf),
         }
         for fn in methods.values():  # warm-up: worker start, page cache, imports
             fn(0)
@@ -184,12 +216,14 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{name:<12} {med(values):>13,.0f} {max(values):>11,.0f} {med(per_cpu[name]):>10,.0f}   {rounds}"
         )
-    wall = med(rates["vaejob-npy"]) / med(rates["imagefolder"])
-    best = max(rates["vaejob-npy"]) / max(rates["imagefolder"])
-    cpu = med(per_cpu["vaejob-npy"]) / med(per_cpu["imagefolder"])
-    print(
-        f"\nvaejob-npy / imagefolder: {wall:.1f}x img/s (median), {best:.1f}x (best), {cpu:.1f}x img per CPU-s"
-    )
+    print()
+    for peer in ("imagefolder", "webdataset"):
+        wall = med(rates["vaejob-npy"]) / med(rates[peer])
+        best = max(rates["vaejob-npy"]) / max(rates[peer])
+        cpu = med(per_cpu["vaejob-npy"]) / med(per_cpu[peer])
+        print(
+            f"vaejob-npy / {peer}: {wall:.1f}x img/s (median), {best:.1f}x (best), {cpu:.1f}x img per CPU-s"
+        )
     return 0
 
 

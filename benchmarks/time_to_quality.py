@@ -60,7 +60,7 @@ def seed_loop(shards: str, seed: int, epochs: int, events_path: str) -> None:
     """The notebook: data in memory, Adam 1e-3, batch 128, an exact val pass after every epoch."""
     import torch
 
-    from vaejob.data import make_loader
+    from vaejob.loader import make_loader
     from vaejob.loss import vae_loss
     from vaejob.model import build_model
 

@@ -159,7 +159,8 @@ def measure(
     # Trainer's own set-up (threads, seed) comes after the bare model's: both see the same settings.
     trainer = Trainer(cfg)
     loader = MemoryLoader(batches, between, pause_at=starts)
-    trainer.train_loader, trainer.val_loader = loader, MemoryLoader(batches[:1])
+    trainer.train_loader = loader
+    trainer.val_loader = trainer.validator.loader = MemoryLoader(batches[:1])
     if trainer.fit() != 0:
         raise SystemExit("the Trainer run failed")
     s = loader.stamps

@@ -5,14 +5,14 @@
     python launch/submit.py --cluster local --gpus-per-node 0 --tasks-per-node 2 --config ... run.dir=...
 
 Each submitit task is one training process: it exports the torch.distributed variables and calls
-``vaejob.train.main`` in-process (no second training code path). Timeouts and preemption: Slurm sends
-SIGUSR2 ``--signal`` seconds before the limit (submitit's ``job._interrupt()`` sends SIGTERM then SIGUSR2).
-The Trainer turns SIGUSR2 into the training's own stop request, so training finishes its step, writes a
-checkpoint and returns 75; then submitit's handler calls ``Trainer.checkpoint()`` and requeues the job,
-which reruns with ``run.resume=auto`` in the same run dir (same W&B run). A SIGTERM alone (``scancel``)
-stops training too, but only SIGUSR2 requeues: a cancelled job stays cancelled.
-Slurm and local jobs print their id and logs and return; ``--wait`` (always for local/debug) waits for
-the result and exits non-zero if the job failed.
+``vaejob.train.main`` in-process (no second training code path; the training flags are the training
+parser's own). Timeouts and preemption: Slurm sends SIGUSR2 ``--signal`` seconds before the limit
+(submitit's ``job._interrupt()`` sends SIGTERM then SIGUSR2). The task turns SIGUSR2 into the training's stop
+request (``vaejob.preempt.request_stop``), so training finishes its step, writes a checkpoint and returns 75;
+then submitit's handler calls ``Trainer.checkpoint()`` and requeues the job, which reruns with
+``run.resume=auto`` in the same run dir (same W&B run). A SIGTERM alone (``scancel``) stops training too,
+but only SIGUSR2 requeues: a cancelled job stays cancelled. Slurm and local jobs print their id and logs
+and return; ``--wait`` (always for local/debug) waits for the result and exits non-zero if the job failed.
 """
 
 from __future__ import annotations
@@ -25,12 +25,67 @@ import time
 import traceback
 from typing import Any
 
+if __package__ in (None, ""):  # `python launch/submit.py` from anywhere: the repository's vaejob
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import submitit
 
+from vaejob.cli import EXIT_OK, EXIT_PREEMPTED, UserError, report
+from vaejob.config import load_config
+from vaejob.train import add_job_arguments
+
+PROG = "launch/submit.py"
 # After a stop on SIGTERM, how long to wait for the SIGUSR2 that asks for a requeue (submitit's
 # _interrupt() and Slurm's PreemptParameters=send_user_signal send it right after SIGTERM).
 REQUEUE_SIGNAL_WAIT_S = 60.0
 CRASH_WAIT_S = 10.0  # the same wait when training died instead of returning 75
+
+
+def export_distributed_env() -> tuple[Any, Any]:
+    """torch.distributed variables and threads for this task, before torch is imported."""
+    env = submitit.JobEnvironment()
+    dist_env = submitit.helpers.TorchDistributedEnvironment()
+    dist_env.export(set_cuda_visible_devices=False, overwrite=True)  # accelerate picks cuda:LOCAL_RANK itself
+    cpus = int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or (os.cpu_count() or 1) // dist_env.local_world_size
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cpus)))
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["ACCELERATE_USE_CPU"] = "1"  # multi-process CPU (gloo) rather than N lone processes
+    return env, dist_env
+
+
+class RequeueBridge:
+    """SIGUSR2 (submitit's requeue signal) -> the training's stop request while training runs; remembers
+    that a requeue was asked for, so the task can requeue once training has stopped at a checkpoint."""
+
+    def __init__(self) -> None:
+        self.requeue = signal.getsignal(signal.SIGUSR2)  # submitit's: checkpoint() + scontrol requeue
+        self.asked = self.training_done = False
+
+    def __enter__(self) -> RequeueBridge:
+        signal.signal(signal.SIGUSR2, self._on_usr2)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGUSR2, self.requeue)
+
+    def _on_usr2(self, signum: int, frame: Any) -> None:
+        from vaejob.preempt import request_stop
+
+        self.asked = True
+        if not request_stop("SIGUSR2") and not self.training_done and callable(self.requeue):
+            self.requeue(signum, frame)  # not training yet: nothing newer to save, requeue now
+
+    def asked_within(self, wait_s: float) -> bool:
+        deadline = time.monotonic() + wait_s
+        while not self.asked and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return self.asked and callable(self.requeue)
+
+    def requeue_now(self) -> None:
+        self.requeue(signal.SIGUSR2, None)  # rank 0: checkpoint(), requeue, exit; other ranks: returns
 
 
 class Trainer:
@@ -40,20 +95,7 @@ class Trainer:
         self.argv = list(argv)
 
     def __call__(self) -> dict[str, Any]:
-        env = submitit.JobEnvironment()
-        dist_env = submitit.helpers.TorchDistributedEnvironment()
-        # Keep every GPU visible: accelerate selects cuda:LOCAL_RANK itself.
-        dist_env.export(set_cuda_visible_devices=False, overwrite=True)
-        cpus = (
-            int(os.environ.get("SLURM_CPUS_PER_TASK", 0))
-            or (os.cpu_count() or 1) // dist_env.local_world_size
-        )
-        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cpus)))
-        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-        import torch  # after OMP_NUM_THREADS
-
-        if not torch.cuda.is_available():
-            os.environ["ACCELERATE_USE_CPU"] = "1"  # multi-process CPU (gloo) rather than N lone processes
+        env, dist_env = export_distributed_env()
         from vaejob import train
 
         print(
@@ -61,68 +103,50 @@ class Trainer:
             f"master {dist_env.master_addr}:{dist_env.master_port}",
             flush=True,
         )
-        requeue = signal.getsignal(signal.SIGUSR2)  # submitit's handler: checkpoint() + scontrol requeue
-        state = {"asked": False, "done": False}
-
-        def on_usr2(signum: int, frame: Any) -> None:
-            state["asked"] = True
-            stop = signal.getsignal(signal.SIGUSR1)  # the training's own handler while it is in its loop
-            if callable(stop):  # stop after this step, at a checkpoint
-                stop(signal.SIGUSR1, frame)
-            elif not state["done"] and callable(requeue):  # not training yet: nothing newer to save
-                requeue(signum, frame)
-
-        def requeue_asked(wait_s: float) -> bool:
-            deadline = time.monotonic() + wait_s
-            while not state["asked"] and time.monotonic() < deadline:
-                time.sleep(0.2)
-            return state["asked"] and callable(requeue)
-
-        signal.signal(signal.SIGUSR2, on_usr2)
-        try:
-            try:
-                code = train.main(self.argv)
-            except Exception:
-                # torch's loader SIGCHLD handler raises anew for every worker that dies: silence it first.
-                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                state["done"] = True
-                # Slurm's SIGTERM reaches every process of the step, the loader workers and the W&B service
-                # included, so training can crash instead of stopping cleanly. If a requeue was asked for,
-                # the newest checkpoint is still good: resume from it.
-                if not requeue_asked(CRASH_WAIT_S):
-                    raise
-                traceback.print_exc()
-                print(
-                    "[submit.py] training died after a requeue request: requeueing",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                code = train.EXIT_PREEMPTED
-            state["done"] = True
-            if code == train.EXIT_PREEMPTED:
-                if not requeue_asked(REQUEUE_SIGNAL_WAIT_S):
+        with RequeueBridge() as bridge:
+            code = self._train(train.main, bridge)
+            if code == EXIT_PREEMPTED:
+                if not bridge.asked_within(REQUEUE_SIGNAL_WAIT_S):
                     raise RuntimeError(
                         "training stopped at a checkpoint on SIGTERM/SIGUSR1 (exit 75) and nobody asked for a "
                         "requeue: submit again with the same run.dir to continue"
                     )
-                requeue(signal.SIGUSR2, None)  # rank 0: checkpoint(), requeue, exit; other ranks: returns
-            elif code != train.EXIT_OK:
+                bridge.requeue_now()
+            elif code != EXIT_OK:
                 raise RuntimeError(
                     f"vaejob.train exited with {code} (2: bad config or data, 3: non-finite loss); "
                     "see this task's stderr log"
                 )
-            return {"rank": dist_env.rank, "exit_code": code}
-        finally:
-            signal.signal(signal.SIGUSR2, requeue)
+        return {"rank": dist_env.rank, "exit_code": code}
+
+    def _train(self, train_main: Any, bridge: RequeueBridge) -> int:
+        try:
+            code = train_main(self.argv)
+        except Exception:
+            bridge.training_done = True
+            # torch's loader SIGCHLD handler raises anew for every worker that dies: silence it first.
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            # Slurm's SIGTERM reaches every process of the step, the loader workers and the W&B service
+            # included, so training can crash instead of stopping cleanly. If a requeue was asked for,
+            # the newest checkpoint is still good: resume from it.
+            if not bridge.asked_within(CRASH_WAIT_S):
+                raise
+            traceback.print_exc()
+            print(
+                "[submit.py] training died after a requeue request: requeueing", file=sys.stderr, flush=True
+            )
+            return EXIT_PREEMPTED
+        bridge.training_done = True
+        return code
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
         # Training has already written its checkpoint; run.resume=auto picks it up in the same run.dir.
         return submitit.helpers.DelayedSubmission(Trainer(self.argv))
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="launch/submit.py",
+        prog=PROG,
         description="Submit vaejob training with submitit (Slurm, local processes, or in-process debug).",
         epilog="Everything after the flags is passed to vaejob.train; run.dir is made absolute and "
         "run.resume=auto is added so requeued jobs continue the same run.",
@@ -148,25 +172,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--job-name", default="vaejob")
     p.add_argument("--wait", action="store_true", help="Slurm: wait for the job and exit 1 if it fails")
     p.add_argument("--dry-run", action="store_true", help="print what would be submitted (the sbatch script)")
-    p.add_argument("--config", help="YAML config file")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
-    return p.parse_args(argv)
+    add_job_arguments(p)  # --config FILE key=value ...: the training's own
+    return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    from vaejob.config import ConfigError, load_config
-
-    try:  # fail here, not in a queued job
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"submit.py: error: {e}", file=sys.stderr)
-        return 2
-    run_dir = os.path.abspath(cfg.run.dir)
-    train_argv = ["--config", os.path.abspath(args.config)] if args.config else []
-    kept = [o for o in args.overrides if not o.startswith(("run.dir=", "run.resume="))]
-    train_argv += [*kept, f"run.dir={run_dir}", "run.resume=auto"]
-
+def make_executor(args: argparse.Namespace, run_dir: str) -> tuple[submitit.AutoExecutor, str, int, int]:
+    """The executor with its parameters; returns it with the cluster, GPUs and tasks per node."""
     cluster = args.cluster or submitit.AutoExecutor.which()
     gpus = args.gpus_per_node
     if gpus is None:
@@ -194,6 +205,20 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, key):
             params[f"slurm_{key}"] = getattr(args, key)
     ex.update_parameters(**params)
+    return ex, cluster, gpus, tasks
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:  # fail here, not in a queued job
+        cfg = load_config(args.config, args.overrides)
+    except UserError as e:
+        return report("submit.py", e)
+    run_dir = os.path.abspath(cfg.run.dir)
+    train_argv = ["--config", os.path.abspath(args.config)] if args.config else []
+    kept = [o for o in args.overrides if not o.startswith(("run.dir=", "run.resume="))]
+    train_argv += [*kept, f"run.dir={run_dir}", "run.resume=auto"]
+    ex, cluster, gpus, tasks = make_executor(args, run_dir)
 
     if args.dry_run:
         inner = ex._executor  # submitit has no public "render the script" call

@@ -61,3 +61,19 @@ def test_train_throughput_quick():
     assert 0.2 < float(m.group(1)) < 5  # a sanity bound, not a speed target: CI machines are noisy
     rates = re.findall(r"^(bare|trainer)\s+(\d+)", cp.stdout, flags=re.M)
     assert [k for k, _ in rates] == ["bare", "trainer"] and all(int(v) > 0 for _, v in rates)
+
+
+def test_data_throughput_quick(tmp_path):
+    cp = _bench(
+        ["benchmarks/data_throughput.py", "--num", "2000", "--repeats", "1", "--dir", str(tmp_path)], 300
+    )
+    rows = dict(
+        re.findall(r"^(imagefolder|webdataset|vaejob-npy|read-only|vaejob-png)\s+([0-9,]+)", cp.stdout, re.M)
+    )
+    assert sorted(rows) == sorted(["imagefolder", "webdataset", "vaejob-npy", "read-only", "vaejob-png"]), (
+        cp.stdout
+    )
+    assert all(int(v.replace(",", "")) > 0 for v in rows.values())
+    for peer in ("imagefolder", "webdataset"):  # the two ratios the README's loader table quotes
+        m = re.search(rf"^vaejob-npy / {peer}: ([0-9.]+)x img/s", cp.stdout, re.M)
+        assert m and float(m.group(1)) > 0, cp.stdout

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.util import REPO, metrics, tiny_overrides, wandb_runs
-from vaejob.shard import main as shard_main
+from tests.util import REPO, metrics, tiny_overrides, wandb_runs, write_shard_set
 
 pytestmark = pytest.mark.slow
 
@@ -303,7 +302,7 @@ def test_submitit_local_two_processes(tiny_shards, tmp_path):
 @pytest.mark.slurm
 def test_shard_job_array_matches_single_process(slurm, tmp_path):
     args = ["--source", "synthetic:300", "--size", "16", "--shard-size", "40", "--val-fraction", "0.2"]
-    assert shard_main([*args, "--out", str(tmp_path / "single"), "--workers", "1"]) == 0
+    write_shard_set(*args, out=tmp_path / "single")
     cp = sh(
         [
             "bash",

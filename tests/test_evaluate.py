@@ -1,14 +1,12 @@
-"""vaejob.evaluate and vaejob.sample on a real tiny run, in real processes (1 and 2 ranks over gloo)."""
+"""vaejob.evaluate on a real tiny run, in real processes (1 and 2 ranks over gloo); bad input to both CLIs."""
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import math
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,35 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tests.util import launch_cmd, run, tiny_overrides, wandb_records, wandb_runs
-from vaejob import samples
+from tests.util import module_cmd, run, wandb_records, wandb_runs
 from vaejob.checkpoint import load_model
 from vaejob.config import LossConfig
-from vaejob.data import make_loader, open_shards
-from vaejob.evaluate import iw_log_px
-from vaejob.shard import main as shard_main
+from vaejob.loader import make_loader
+from vaejob.metrics import iw_log_px
+from vaejob.seeding import item_generator
+from vaejob.shards import open_shards
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tiny_shards: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A conv VAE trained for 60 steps on the 16x16 synthetic shards; one checkpoint at step 60."""
-    run_dir = tmp_path_factory.mktemp("eval") / "run"
-    every = {f"train.{k}_every": 60 for k in ("eval", "checkpoint", "sample")}
-    overrides = tiny_overrides(
-        tiny_shards, run_dir, **{"train.max_steps": 60, "samples.final_plots": "false", **every}
-    )
-    cp = run(launch_cmd(1) + overrides)
-    assert cp.returncode == 0, cp.stderr[-3000:]
-    return run_dir
-
-
-def module_cmd(module: str, nproc: int) -> list[str]:
-    """`python -m vaejob.X` or `accelerate launch ... -m vaejob.X`."""
-    if nproc == 1:
-        return [sys.executable, "-m", module]
-    return [*launch_cmd(nproc, "-m"), module]  # accelerate launch's -m: the "script" is a module
 
 
 def evaluate_json(run_dir: Path, nproc: int, *args: str) -> dict:
@@ -89,14 +67,14 @@ def test_evaluate_one_and_two_processes_agree(tiny_run: Path) -> None:
 
 
 def test_iw_estimate_tightens_with_k(tiny_run: Path) -> None:
-    model, cfg, _ = load_model(str(tiny_run))
+    model, cfg, _, _ = load_model(str(tiny_run))
     loader = make_loader(cfg.data.shards, "val", 64, rank=0, world_size=1, num_workers=0, with_keys=True)
     batch = next(iter(loader))
     keep = batch["valid"].nonzero().flatten().tolist()
     x = batch["image"][keep]
     nll = {}
     for k in (1, 10, 100):
-        gens = [samples.item_generator(0, batch["key"][i]) for i in keep]
+        gens = [item_generator(0, batch["key"][i]) for i in keep]
         nll[k] = -iw_log_px(model, x, cfg.loss, k, generators=gens).mean().item()
     assert nll[1] >= nll[10] - 0.5 and nll[10] >= nll[100] - 0.5, nll
     assert nll[1] - nll[100] > 1.0, nll  # not flat: the bound really tightens on this model
@@ -154,111 +132,13 @@ def test_iw_estimator_matches_numerical_integration() -> None:
     assert one.mean() < exact.mean()  # one sample: the ELBO, below log p(x) on average
 
 
-# ------------------------------------------------------------------------------------------- sample
-SAMPLE_ARGS = [
-    "--num",
-    "50",
-    "--shard-size",
-    "20",
-    "--batch-size",
-    "8",
-    "--seed",
-    "3",
-    "--temperature",
-    "0.8",
-]
-SHARDS = [f"samples-{i:06d}.tar" for i in range(3)]
-
-
-def sample(run_dir: Path, out: Path | str, nproc: int = 1):
-    cp = run(module_cmd("vaejob.sample", nproc) + ["--run", str(run_dir), "--out", str(out), *SAMPLE_ARGS])
-    assert cp.returncode == 0, cp.stderr[-3000:]
-    return cp
-
-
-@pytest.fixture(scope="module")
-def sampled(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The sample set of one process, the reference the other runs must reproduce byte for byte."""
-    out = tmp_path_factory.mktemp("sampled") / "one"
-    sample(tiny_run, out, 1)
-    return out
-
-
-def test_sample_deterministic_across_ranks_manifest_and_resume(
-    tiny_run: Path, sampled: Path, tmp_path: Path
-) -> None:
-    one, two = sampled, tmp_path / "two"
-    sample(tiny_run, two, 2)
-    for name in [*SHARDS, "manifest.json", "samples.png"]:
-        assert (one / name).read_bytes() == (two / name).read_bytes(), name
-
-    manifest = json.loads((one / "manifest.json").read_text())
-    assert manifest["format"] == "vaejob-shards/1" and manifest["encoding"] == "npy"
-    assert (manifest["count"], manifest["seed"], manifest["temperature"], manifest["step"]) == (
-        50,
-        3,
-        0.8,
-        60,
-    )
-    assert manifest["image"] == {"channels": 3, "height": 16, "width": 16}
-    entries = manifest["splits"]["samples"]["shards"]
-    assert [e["name"] for e in entries] == SHARDS and [e["count"] for e in entries] == [20, 20, 10]
-    for e in entries:
-        assert hashlib.sha256((one / e["name"]).read_bytes()).hexdigest() == e["sha256"]
-    # the set feeds another job: the training loader reads it back, every sample once, in order
-    shards = open_shards(str(one), verify=True)
-    batches = list(make_loader(shards, "samples", 16, rank=0, world_size=1, num_workers=0, with_keys=True))
-    keys = [k for b in batches for k in b["key"] if k]
-    assert keys == [f"sample-{i:09d}" for i in range(50)]
-    images = torch.cat([b["image"][b["valid"]] for b in batches])
-    assert images.shape == (50, 3, 16, 16) and images.std() > 0
-
-    # resume: a lost shard is regenerated alone, byte-identical; the others are not rewritten
-    (two / SHARDS[1]).unlink()
-    inodes = {n: (two / n).stat().st_ino for n in (SHARDS[0], SHARDS[2])}
-    cp = sample(tiny_run, two, 1)
-    assert "generated 1 of its 3 shard(s) (2 already complete)" in cp.stderr
-    assert {n: (two / n).stat().st_ino for n in inodes} == inodes
-    for name in [*SHARDS, "manifest.json"]:
-        assert (one / name).read_bytes() == (two / name).read_bytes(), name
-
-
-MEMORY_SCRIPT = """
-import hashlib, json, sys, fsspec
-from vaejob.data import open_shards
-from vaejob.sample import main
-run_dir, out, args = sys.argv[1], "memory://vaejob-test/samples", sys.argv[2:]
-assert main(["--run", run_dir, "--out", out, *args]) == 0
-fs = fsspec.filesystem("memory")
-fs.rm("/vaejob-test/samples/samples-000002.tar")
-assert main(["--run", run_dir, "--out", out, *args]) == 0
-shards = open_shards(out, verify=True)
-names = [f"samples-{i:06d}.tar" for i in range(3)]
-digest = {n: hashlib.sha256(fs.cat(f"/vaejob-test/samples/{n}")).hexdigest() for n in names}
-print(json.dumps({"count": shards.split("samples").count, "digest": digest}))
-"""
-
-
-def test_sample_to_memory_url(tiny_run: Path, sampled: Path, tmp_path: Path) -> None:
-    script = tmp_path / "memory_sample.py"
-    script.write_text(MEMORY_SCRIPT)
-    cp = run([sys.executable, str(script), str(tiny_run), *SAMPLE_ARGS])
-    assert cp.returncode == 0, cp.stderr[-3000:]
-    out = json.loads(cp.stdout.strip().splitlines()[-1])
-    assert out["count"] == 50
-    assert "generated 1 of its 3 shard(s) (2 already complete)" in cp.stderr
-    for name in SHARDS:
-        assert out["digest"][name] == hashlib.sha256((sampled / name).read_bytes()).hexdigest()
-
-
 # ------------------------------------------------------------------------------------------- bad inputs
 @pytest.fixture(scope="module")
-def bad_inputs(tiny_run: Path, tiny_shards: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def bad_inputs(
+    tiny_run: Path, tiny_shards: str, make_shards, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, str]:
     root = tmp_path_factory.mktemp("bad")
-    small = str(root / "small")
-    assert (
-        shard_main(["--source", "synthetic:40", "--size", "8", "--val-fraction", "0.5", "--out", small]) == 0
-    )
+    small = make_shards("--source", "synthetic:40", "--size", "8", "--val-fraction", "0.5")
     empty = root / "no_ckpt"
     empty.mkdir()
     shutil.copy(tiny_run / "config.yaml", empty / "config.yaml")

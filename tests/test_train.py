@@ -17,31 +17,14 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from tests.util import REPO, cpu_env, launch_cmd, metrics, run, tiny_overrides, wandb_records, wandb_runs
-from vaejob.shard import main as shard_main
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> str:
+def shards(make_shards) -> str:
     """600 synthetic 16x16 RGB images with shape labels: big enough to learn, small enough for seconds."""
-    out = tmp_path_factory.mktemp("shards") / "synth"
-    code = shard_main(
-        [
-            "--source",
-            "synthetic:600",
-            "--out",
-            str(out),
-            "--size",
-            "16",
-            "--shard-size",
-            "100",
-            "--workers",
-            "1",
-        ]
-    )
-    assert code == 0
-    return str(out)
+    return make_shards("--source", "synthetic:600", "--size", "16", "--shard-size", "100")
 
 
 def train(

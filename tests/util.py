@@ -1,4 +1,4 @@
-"""Shared helpers for tests that run the real job in real processes."""
+"""Shared test helpers: running the real job in real processes, reading shard sets and loaders back."""
 
 from __future__ import annotations
 
@@ -7,8 +7,15 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import webdataset as wds
+
+from vaejob.loader import ShardLoader, make_loader
+from vaejob.shard import main as shard_main
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "vaejob" / "train.py")
@@ -49,6 +56,13 @@ def launch_cmd(nproc: int, script: str = TRAIN) -> list[str]:
         str(29500 + os.getpid() % 1000),
         script,
     ]
+
+
+def module_cmd(module: str, nproc: int) -> list[str]:
+    """`python -m vaejob.X` or `accelerate launch ... -m vaejob.X`."""
+    if nproc == 1:
+        return [sys.executable, "-m", module]
+    return [*launch_cmd(nproc, "-m"), module]  # accelerate launch's -m: the "script" is a module
 
 
 def tiny_overrides(shards: str, run_dir: str | Path, **kw: Any) -> list[str]:
@@ -104,3 +118,62 @@ def wandb_records(offline_run: str) -> list[dict[str, Any]]:
         check=True,
     ).stdout
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def write_shard_set(*args: str, out: str | Path, workers: int = 1) -> str:
+    """Run ``vaejob.shard ARGS --out OUT`` in-process (the one way tests write a shard set); returns OUT."""
+    code = shard_main([*args, "--out", str(out), "--workers", str(workers)])
+    assert code == 0, f"vaejob.shard {' '.join(args)} exited {code}"
+    return str(out)
+
+
+def manifest(root: str | Path) -> dict[str, Any]:
+    return json.loads((Path(root) / "manifest.json").read_text())
+
+
+def urls(root: str | Path, split: str) -> list[str]:
+    return [str(Path(root) / s["name"]) for s in manifest(root)["splits"][split]["shards"]]
+
+
+def reference(root: str | Path) -> dict[str, tuple[np.ndarray, int]]:
+    """Every sample as plain webdataset decodes it: key -> (H, W, C uint8, label)."""
+    out = {}
+    for s in wds.WebDataset(urls(root, "train") + urls(root, "val"), shardshuffle=False).decode("rgb8"):
+        image = s.get("npy", s.get("png"))
+        out[s["__key__"]] = (np.asarray(image).reshape(*np.asarray(image).shape[:2], -1), int(s["cls"]))
+    return out
+
+
+def shard_keys(root: str | Path, split: str) -> dict[str, str]:
+    """key -> shard name."""
+    out = {}
+    for url in urls(root, split):
+        with tarfile.open(url) as tar:
+            out.update({m.name.split(".")[0]: Path(url).name for m in tar.getmembers()})
+    return out
+
+
+def loader(root: str, split: str = "train", batch_size: int = 8, **kw: Any) -> ShardLoader:
+    """A single-process-group loader (rank 0 of 1) that reports sample keys, unless told otherwise."""
+    return make_loader(root, split, batch_size, **{"rank": 0, "world_size": 1, "with_keys": True, **kw})
+
+
+def keys_of(loader: Any, limit: int | None = None) -> list[list[str]]:
+    """The valid keys of each batch the loader yields (all of the epoch, or the first ``limit``)."""
+    out = []
+    for batch in loader:
+        out.append([k for k, v in zip(batch["key"], batch["valid"].tolist(), strict=True) if v])
+        if len(out) == limit:
+            break
+    return out
+
+
+def flat(batches: list[list[str]]) -> list[str]:
+    return [k for b in batches for k in b]
+
+
+def one_line_error(excinfo: Any, *parts: str) -> None:
+    message = str(excinfo.value)
+    assert "\n" not in message, message
+    for part in parts:
+        assert part in message, message

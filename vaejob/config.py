@@ -16,8 +16,10 @@ from typing import Any, Literal
 
 import yaml
 
+from vaejob.cli import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A bad config file, key or value; the message is one line for the user."""
 
 

@@ -68,6 +68,11 @@ class VAE(nn.Module):
     def has_bottleneck(self) -> bool:
         return not isinstance(self.hidden, nn.Identity)
 
+    @property
+    def hidden_units(self) -> int:
+        """Width of the Dense bottleneck (0 without one): the units whose death strands a model."""
+        return self.to_mu.in_features if self.has_bottleneck else 0
+
 
 class ConvVAE(VAE):
     def __init__(self, cfg: ModelConfig, image_shape: tuple[int, int, int]):

@@ -29,22 +29,28 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
-from vaejob import __version__, plots, samples, storage
-from vaejob.checkpoint import WEIGHTS_FILE, CheckpointError, latest_checkpoint, load_model
-from vaejob.data import FORMAT, DataError, _sha256, make_loader
-from vaejob.model import VAE
-from vaejob.shard import (
-    MANIFEST,
-    PARTS,
-    TarWriter,
+from vaejob import figures, plots, storage
+from vaejob.checkpoint import WEIGHTS_FILE, load_model
+from vaejob.cli import (
+    EXIT_OK,
+    LOG_NAME,
     UsageError,
-    _int_type,
-    _Parser,
-    encode_image,
-    write_manifest,
+    UserError,
+    int_type,
+    positive_float,
+    report,
+    run_parser,
+    setup_logging,
 )
-from vaejob.train import EXIT_OK, EXIT_USAGE
+from vaejob.loader import make_loader
+from vaejob.model import VAE
+from vaejob.seeding import item_generator
+from vaejob.shards import sha256_file
+from vaejob.shards.codec import encode_image
+from vaejob.shards.format import MANIFEST, PARTS, build_manifest, shard_name, write_manifest
+from vaejob.shards.tar import TarWriter
 
+PROG = "vaejob.sample"
 SPLIT = "samples"
 GRID = "samples.png"
 GRID_SIZE = 64
@@ -52,11 +58,7 @@ ENCODING = "npy"
 DEFAULT_SHARD_SIZE = 5000
 _SHARD_RE = re.compile(r"^samples-(\d{6})\.tar$")
 
-log = logging.getLogger("vaejob")
-
-
-def shard_name(index: int) -> str:
-    return f"{SPLIT}-{index:06d}.tar"
+log = logging.getLogger(LOG_NAME)
 
 
 def sample_key(index: int) -> str:
@@ -65,7 +67,7 @@ def sample_key(index: int) -> str:
 
 def latents(seed: int, start: int, stop: int, latent_dim: int, temperature: float) -> torch.Tensor:
     """z of samples ``start .. stop-1``: N(0, temperature² I), each from its own ``(seed, index)`` generator."""
-    z = [torch.randn(latent_dim, generator=samples.item_generator(seed, i)) for i in range(start, stop)]
+    z = [torch.randn(latent_dim, generator=item_generator(seed, i)) for i in range(start, stop)]
     return torch.stack(z) * temperature
 
 
@@ -81,12 +83,12 @@ def write_shard(
         stop = min(hi, start + params["batch_size"])
         z = latents(params["seed"], start, stop, model.latent_dim, params["temperature"])
         with acc.autocast():
-            images = samples.to_uint8_nhwc(samples.decode_latents(model, z, acc.device))
+            images = figures.to_uint8_nhwc(figures.decode_latents(model, z, acc.device))
         for i, image in zip(range(start, stop), images, strict=True):
             tar.add(f"{sample_key(i)}.{ENCODING}", encode_image(image, ENCODING))
         bar.update(stop - start)
     tar.close()
-    name = shard_name(index)
+    name = shard_name(SPLIT, index)
     storage.atomic_write_bytes(storage.join(out, name), buf.getvalue())
     record = {"name": name, "count": hi - lo, "bytes": tar.pos, "sha256": tar.sha.hexdigest(), "args": params}
     storage.atomic_write_json(_record_path(out, index), record)
@@ -94,7 +96,7 @@ def write_shard(
 
 
 def _record_path(out: str, index: int) -> str:
-    return storage.join(out, PARTS, shard_name(index).replace(".tar", ".json"))
+    return storage.join(out, PARTS, shard_name(SPLIT, index).replace(".tar", ".json"))
 
 
 def read_record(out: str, index: int, params: dict[str, Any]) -> dict[str, Any] | None:
@@ -113,7 +115,7 @@ def done_record(out: str, index: int, params: dict[str, Any]) -> dict[str, Any] 
         return None
     shard = storage.join(out, record["name"])
     try:
-        intact = storage.size(shard) == record["bytes"] and _sha256(shard) == record["sha256"]
+        intact = storage.size(shard) == record["bytes"] and sha256_file(shard) == record["sha256"]
     except OSError:
         intact = False
     return record if intact else None
@@ -160,7 +162,7 @@ def finish(out: str, params: dict[str, Any], model: VAE, num_shards: int) -> dic
     """Rank 0, after every shard is written: drop leftovers of a larger earlier set, write the manifest last,
     then the grid (read back through the loader, which checks the set is usable)."""
     records = [read_record(out, i, params) for i in range(num_shards)]  # each owner rank checked its bytes
-    missing = [shard_name(i) for i, r in enumerate(records) if r is None]
+    missing = [shard_name(SPLIT, i) for i, r in enumerate(records) if r is None]
     if missing:
         raise RuntimeError(f"shards {missing} are missing or damaged after generation")
     for entry in _entries(out):
@@ -168,28 +170,16 @@ def finish(out: str, params: dict[str, Any], model: VAE, num_shards: int) -> dic
         if m and int(m.group(1)) >= num_shards:
             _remove(storage.join(out, entry))
             _remove(_record_path(out, int(m.group(1))))
-    c, h, w = model.image_shape
-    manifest = {
-        "format": FORMAT,
-        "vaejob_version": __version__,
-        "source": f"vaejob.sample:{params['checkpoint']}",
-        "seed": params["seed"],
-        "encoding": ENCODING,
-        "image": {"height": h, "width": w, "channels": c},
-        "labels": None,
-        "factors": None,
-        "splits": {SPLIT: {"count": params["count"], "shards": [_entry(r) for r in records if r]}},
-        "skipped": [],
-        "args": params,
-        "count": params["count"],
-        "temperature": params["temperature"],
-        "step": params["step"],
-        "checkpoint": params["checkpoint"],
-    }
-    if storage.is_url(out):
-        storage.atomic_write_json(storage.join(out, MANIFEST), manifest)
-    else:
-        write_manifest(out, manifest)  # fsyncs the shard renames first
+    manifest = build_manifest(
+        source=f"{PROG}:{params['checkpoint']}",
+        seed=params["seed"],
+        encoding=ENCODING,
+        image_shape=model.image_shape,
+        splits={SPLIT: [r for r in records if r]},
+        args=params,
+        extra={k: params[k] for k in ("count", "temperature", "step", "checkpoint")},
+    )
+    write_manifest(out, manifest)  # local: fsyncs the shard renames first
     first = next(
         iter(
             make_loader(
@@ -204,39 +194,23 @@ def finish(out: str, params: dict[str, Any], model: VAE, num_shards: int) -> dic
     return manifest
 
 
-def _entry(record: dict[str, Any]) -> dict[str, Any]:
-    return {k: record[k] for k in ("name", "count", "bytes", "sha256")}
-
-
 # ------------------------------------------------------------------------------------------- CLI
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="vaejob.sample",
-        description="Generate samples from a trained run as a shard set (run under `accelerate launch` to split the work).",
-        epilog="Example: accelerate launch -m vaejob.sample --run runs/fashion_mnist --num 100000 --out s3://b/samples",
+    p = run_parser(
+        PROG,
+        "Generate samples from a trained run as a shard set (run under `accelerate launch` to split the work).",
+        "accelerate launch -m vaejob.sample --run runs/fashion_mnist --num 100000 --out s3://b/samples",
     )
-    p.add_argument("--run", required=True, help="the training run dir (holds config.yaml and checkpoints/)")
-    p.add_argument("--checkpoint", help="a checkpoint dir (default: the run's newest complete one)")
-    p.add_argument("--num", type=_int_type(1), required=True, help="number of samples")
+    p.add_argument("--num", type=int_type(1), required=True, help="number of samples")
     p.add_argument("--out", required=True, help="output directory or fsspec URL (s3://..., memory://...)")
     p.add_argument(
-        "--batch-size", type=_int_type(1), default=256, help="images decoded per batch (default 256)"
+        "--batch-size", type=int_type(1), default=256, help="images decoded per batch (default 256)"
     )
-    p.add_argument("--seed", type=_int_type(0), default=0, help="latent seed (default 0)")
-    p.add_argument("--temperature", type=_positive_float, default=1.0, help="prior std scale (default 1.0)")
+    p.add_argument("--seed", type=int_type(0), default=0, help="latent seed (default 0)")
+    p.add_argument("--temperature", type=positive_float, default=1.0, help="prior std scale (default 1.0)")
     p.add_argument(
         "--shard-size",
-        type=_int_type(1),
+        type=int_type(1),
         default=DEFAULT_SHARD_SIZE,
         help=f"samples per shard (default {DEFAULT_SHARD_SIZE})",
     )
@@ -244,21 +218,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s vaejob %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    setup_logging()
     try:
         args = build_parser().parse_args(argv)
-        ckpt = args.checkpoint or latest_checkpoint(args.run)
-        model, cfg, step = load_model(args.run, ckpt)
+        model, cfg, step, ckpt = load_model(args.run, args.checkpoint)
         check_out(args.out)
-    except (UsageError, CheckpointError, DataError) as e:
-        if int(os.environ.get("RANK", "0")) == 0:  # one line per job, not per rank
-            print(f"vaejob.sample: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    except UserError as e:
+        return report(PROG, e)
     # Everything that shapes the bytes; a shard record with other arguments is regenerated.
     params = {
         "checkpoint": str(ckpt),
-        "checkpoint_sha256": _sha256(os.path.join(str(ckpt), WEIGHTS_FILE)),
+        "checkpoint_sha256": sha256_file(os.path.join(str(ckpt), WEIGHTS_FILE)),
         "step": step,
         "count": args.num,
         "seed": args.seed,

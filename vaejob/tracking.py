@@ -1,4 +1,5 @@
-"""Run tracking on rank 0: ``metrics.jsonl`` (the source of truth) mirrored to Weights & Biases.
+"""Run tracking on rank 0: ``metrics.jsonl`` (the source of truth) mirrored to Weights & Biases, and the
+training's log window (sums over ``train.log_every`` steps, reduced across ranks) with its progress bar.
 
 One W&B run per job: its id is kept in ``run.dir/wandb_id.txt`` and in every checkpoint, so a resumed or
 requeued job logs into the same run (``resume="allow"``). W&B's own step counter only ever grows; charts use
@@ -12,21 +13,37 @@ import logging
 import os
 import secrets
 import string
+import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import torch
+from accelerate import Accelerator
 
 from vaejob import storage
+from vaejob.cli import LOG_NAME
 from vaejob.config import Config
+from vaejob.rundir import RunDir
 
-log = logging.getLogger("vaejob")
+log = logging.getLogger(LOG_NAME)
 
 
 def new_run_id() -> str:
     """8 characters of [a-z0-9], the shape of W&B's own run ids."""
     alphabet = string.ascii_lowercase + string.digits
     return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
+def resolve_run_id(run: RunDir, from_checkpoint: str, resumed: bool) -> str:
+    """The job's one W&B run id: the resumed checkpoint's, else (resuming a checkpoint written before the id
+    was stored in it) ``wandb_id.txt``'s, else a new one."""
+    if from_checkpoint:
+        return from_checkpoint
+    if resumed and os.path.exists(run.wandb_id):
+        return open(run.wandb_id).read().strip() or new_run_id()
+    return new_run_id()
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
@@ -61,7 +78,7 @@ class Tracker:
         """``write_metrics=False`` attaches to the run's W&B run only (evaluation leaves metrics.jsonl alone)."""
         self.enabled = enabled
         self.run_id = run_id
-        self.path = os.path.join(cfg.run.dir, "metrics.jsonl")
+        self.path = RunDir(cfg.run.dir).metrics
         self.wandb = None
         self._file = None
         if not enabled:
@@ -132,6 +149,22 @@ class Tracker:
         payload["trainer/step"] = step
         self._wandb_call(lambda: self.wandb.log(payload))
 
+    def log_eval(self, record: dict[str, Any], images: dict[str, np.ndarray]) -> None:
+        """An evaluation's numbers under ``eval/<split>/...`` and its figures, at the checkpoint's step."""
+        if self.wandb is None:
+            return
+        prefix = f"eval/{record['split']}"
+        payload: dict[str, Any] = {
+            f"{prefix}/{key}": value
+            for key, value in record.items()
+            if isinstance(value, int | float) and key not in ("step", "seed")
+        }
+        for name, stats in record.get("per_class", {}).items():
+            payload[f"{prefix}/nelbo/{name}"] = stats["nelbo"]
+        payload["trainer/step"] = record["step"]
+        self._wandb_call(lambda: self.wandb.log(payload))
+        self.log_images(record["step"], {f"eval_{record['split']}_{k}": v for k, v in images.items()})
+
     def summary(self, values: dict[str, Any]) -> None:
         self._wandb_call(lambda: self.wandb.summary.update(values))
 
@@ -143,6 +176,93 @@ class Tracker:
             self._file = None
         self._wandb_call(lambda: self.wandb.finish(exit_code=exit_code))
         self.wandb = None
+
+
+def attach(cfg: Config, main: bool) -> Tracker:
+    """The run's W&B run (its id from ``wandb_id.txt``, the config's mode) on rank 0, for a command that
+    reports into a finished run (``vaejob.evaluate``); metrics.jsonl is left alone."""
+    run = RunDir(cfg.run.dir)
+    run_id = resolve_run_id(run, "", resumed=True)
+    return Tracker(cfg, run_id, enabled=main, resume_step=None, write_metrics=False)
+
+
+class TrainLog:
+    """The training's log window: loss / recon / KL summed on the device over ``log_every`` steps (no host
+    sync per step), reduced across ranks when a record is written, plus rank 0's progress bar."""
+
+    def __init__(self, acc: Accelerator, tracker: Tracker, cfg: Config, step: int) -> None:
+        self.acc, self.tracker, self.every = acc, tracker, cfg.train.log_every
+        self.window = torch.zeros(3, device=acc.device)
+        self.steps = 0
+        self.images, self.started = 0, time.perf_counter()
+        self.postfix: dict[str, str] = {}
+        self.bar: Any = None
+        if acc.is_main_process and cfg.train.progress:
+            from tqdm import tqdm
+
+            total = cfg.train.max_steps
+            self.bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def due(self, step: int) -> bool:
+        """Whether the step that ends at ``step`` (1-based) closes a window."""
+        return step % self.every == 0
+
+    def add(self, loss: torch.Tensor, recon: torch.Tensor, kl: torch.Tensor, images: int) -> None:
+        self.window += torch.stack([loss.detach(), recon.detach().mean(), kl.detach().mean()])
+        self.steps += 1
+        self.images += images
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def write(
+        self, step: int, *, lr: float, beta: float, grad_norm: float | None, epoch: int, skipped_steps: int
+    ) -> dict[str, Any]:
+        """Collective: reduce the window, log one train record, start a new window."""
+        sums = self.acc.reduce(self.window, reduction="mean").tolist()
+        n = self.steps
+        record = {
+            "step": step,
+            "split": "train",
+            "loss": sums[0] / n,
+            "recon": sums[1] / n,
+            "kl": sums[2] / n,
+            "lr": lr,
+            "beta": beta,
+            "grad_norm": grad_norm,
+            "images_per_s": self.images / (time.perf_counter() - self.started),
+            "epoch": epoch,
+            "time": time.time(),  # wall clock: time to quality from the job's launch
+        }
+        if skipped_steps:
+            record["skipped_steps"] = skipped_steps
+        self.tracker.log(record)
+        self.show(loss=f"{record['loss']:.2f}", img_s=f"{record['images_per_s']:.0f}")
+        self.window.zero_()
+        self.steps = 0
+        self.images, self.started = 0, time.perf_counter()
+        return record
+
+    def show(self, **postfix: str) -> None:
+        """Values shown beside rank 0's progress bar (the latest train and val numbers)."""
+        if self.bar is not None:
+            self.postfix.update(postfix)
+            self.bar.set_postfix(self.postfix)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Collective (reduces the open window, so a resumed run logs the same averages)."""
+        return {
+            "log_window": self.acc.reduce(self.window, reduction="mean").tolist(),
+            "log_window_steps": self.steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.window = torch.tensor(state["log_window"], device=self.acc.device)
+        self.steps = state["log_window_steps"]
 
 
 def _has_netrc_key() -> bool:

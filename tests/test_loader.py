@@ -1,97 +1,48 @@
-"""`vaejob.data` on real shard sets: values, DDP splitting in 2 real processes, exact resume, fail-fast."""
+"""`vaejob.loader` on real shard sets: values, DDP splitting in 2 real processes, exact resume, workers."""
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
-import shutil
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import fsspec
-import numpy as np
 import pytest
 import torch
-import webdataset as wds
 
-from tests.util import REPO, cpu_env
-from vaejob import data
-from vaejob.data import DataError, make_loader, open_shards
-from vaejob.shard import main as shard_main
-
-# --------------------------------------------------------------------------------------------- helpers
-
-
-def _shard(out: Path, *args: str) -> str:
-    assert shard_main([*args, "--out", str(out), "--workers", "1"]) == 0
-    return str(out)
+from tests.util import (
+    REPO,
+    cpu_env,
+    flat,
+    keys_of,
+    loader,
+    manifest,
+    one_line_error,
+    reference,
+    shard_keys,
+    urls,
+)
+from vaejob.loader import make_loader
+from vaejob.loader.workers import Slots
+from vaejob.shards import DataError, open_shards
 
 
 @pytest.fixture(scope="module")
-def few_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
+def few_shards(make_shards) -> str:
     """Fewer shards than 2 ranks x 2 workers: about 80 train images in 2 shards, 20 val in 1."""
-    out = tmp_path_factory.mktemp("few") / "synthetic"
-    return _shard(
-        out, "--source", "synthetic:100", "--size", "8", "--shard-size", "50", "--val-fraction", "0.2"
+    return make_shards(
+        "--source", "synthetic:100", "--size", "8", "--shard-size", "50", "--val-fraction", "0.2"
     )
 
 
 @pytest.fixture(scope="module")
-def png_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
-    out = tmp_path_factory.mktemp("png") / "synthetic"
-    return _shard(out, "--source", "synthetic:60", "--size", "12", "--shard-size", "16", "--format", "png")
-
-
-def manifest(root: str | Path) -> dict[str, Any]:
-    return json.loads((Path(root) / "manifest.json").read_text())
-
-
-def urls(root: str | Path, split: str) -> list[str]:
-    return [str(Path(root) / s["name"]) for s in manifest(root)["splits"][split]["shards"]]
-
-
-def reference(root: str | Path) -> dict[str, tuple[np.ndarray, int]]:
-    """Every sample as plain webdataset decodes it: key -> (H, W, C uint8, label)."""
-    out = {}
-    for s in wds.WebDataset(urls(root, "train") + urls(root, "val"), shardshuffle=False).decode("rgb8"):
-        image = s.get("npy", s.get("png"))
-        out[s["__key__"]] = (np.asarray(image).reshape(*np.asarray(image).shape[:2], -1), int(s["cls"]))
-    return out
-
-
-def shard_keys(root: str | Path, split: str) -> dict[str, str]:
-    """key -> shard name."""
-    out = {}
-    for url in urls(root, split):
-        with tarfile.open(url) as tar:
-            out.update({m.name.split(".")[0]: Path(url).name for m in tar.getmembers()})
-    return out
-
-
-def loader(root: str, split: str = "train", batch_size: int = 8, **kw: Any) -> data.ShardLoader:
-    """A single-process-group loader (rank 0 of 1) that reports sample keys, unless told otherwise."""
-    return make_loader(root, split, batch_size, **{"rank": 0, "world_size": 1, "with_keys": True, **kw})
-
-
-def keys_of(loader: Any, limit: int | None = None) -> list[list[str]]:
-    """The valid keys of each batch the loader yields (all of the epoch, or the first ``limit``)."""
-    out = []
-    for batch in loader:
-        out.append([k for k, v in zip(batch["key"], batch["valid"].tolist(), strict=True) if v])
-        if len(out) == limit:
-            break
-    return out
-
-
-def flat(batches: list[list[str]]) -> list[str]:
-    return [k for b in batches for k in b]
+def png_shards(make_shards) -> str:
+    return make_shards("--source", "synthetic:60", "--size", "12", "--shard-size", "16", "--format", "png")
 
 
 # ---------------------------------------------------------------------------------------------- values
@@ -152,7 +103,7 @@ def test_shard_order_per_epoch(tiny_shards: str) -> None:
 DDP_SCRIPT = """
 import json, sys
 import torch.distributed as dist
-from vaejob.data import make_loader
+from vaejob.loader import make_loader
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
@@ -220,7 +171,7 @@ def test_two_ranks(tmp_path: Path, few_shards: str, tiny_shards: str) -> None:
 
 
 def test_resume_continues_the_epoch_exactly(tiny_shards: str) -> None:
-    def rank1(seed: int = 1) -> data.ShardLoader:
+    def rank1(seed: int = 1):
         return loader(
             tiny_shards, seed=seed, epoch=2, num_workers=2, raw=True, rank=1, world_size=2, shuffle_buffer=50
         )
@@ -279,7 +230,7 @@ def test_workers_persist_across_epochs(tiny_shards: str) -> None:
 
 _SIGTERM_STORM = """
 import os, signal, subprocess, sys
-from vaejob.data import make_loader
+from vaejob.loader import make_loader
 received = []
 signal.signal(signal.SIGTERM, lambda *_: received.append(1))
 os.setpgrp()  # a process group of our own, as a Slurm job step has: the storm hits it, not pytest
@@ -320,7 +271,7 @@ def test_resume_with_another_world_size(tiny_shards: str, caplog: pytest.LogCapt
     state = old.state_dict()
     for world, batch_size in ((1, 8), (1, 16), (3, 8)):
         new = loader(tiny_shards, batch_size=batch_size, num_workers=2, world_size=world)
-        with caplog.at_level(logging.WARNING, logger="vaejob.data"):
+        with caplog.at_level(logging.WARNING, logger="vaejob.loader.loader"):
             new.load_state_dict(state)
         assert "some samples may repeat or be skipped" in caplog.text
         caplog.clear()
@@ -329,104 +280,6 @@ def test_resume_with_another_world_size(tiny_shards: str, caplog: pytest.LogCapt
         assert len(keys_of(new)) == len(new) - start
         fresh = loader(tiny_shards, batch_size=batch_size, num_workers=2, epoch=1, world_size=world)
         assert keys_of(new) == keys_of(fresh)  # the next epoch is exact again
-
-
-# ------------------------------------------------------------------------------------------- fail fast
-
-
-@pytest.fixture
-def copy(tiny_shards: str, tmp_path: Path) -> Path:
-    dst = tmp_path / "set"
-    shutil.copytree(tiny_shards, dst)
-    return dst
-
-
-def edit_manifest(root: Path, fn: Any) -> None:
-    m = manifest(root)
-    fn(m)
-    (root / "manifest.json").write_text(json.dumps(m))
-
-
-def one_line_error(excinfo: pytest.ExceptionInfo, *parts: str) -> None:
-    message = str(excinfo.value)
-    assert "\n" not in message, message
-    for part in parts:
-        assert part in message, message
-
-
-def test_not_a_shard_set(tmp_path: Path) -> None:
-    with pytest.raises(DataError) as e:
-        open_shards(str(tmp_path / "nowhere"))
-    one_line_error(e, "not a shard set", "manifest.json", "python -m vaejob.shard")
-
-
-def test_missing_shard(copy: Path) -> None:
-    (copy / "val-000001.tar").unlink()
-    with pytest.raises(DataError) as e:
-        make_loader(str(copy), "train", 8)  # any split: the whole set is checked before training
-    one_line_error(e, "missing shard", "val-000001.tar")
-
-
-def test_truncated_shard(copy: Path) -> None:
-    path = copy / "train-000002.tar"
-    path.write_bytes(path.read_bytes()[:-1000])
-    with pytest.raises(DataError) as e:
-        open_shards(str(copy))
-    one_line_error(e, "train-000002.tar", "bytes", "manifest says")
-
-
-@pytest.mark.parametrize("field", ["count", "bytes", "format"])
-def test_tampered_manifest(copy: Path, field: str) -> None:
-    def tamper(m: dict[str, Any]) -> None:
-        if field == "format":
-            m["format"] = "vaejob-shards/99"
-        else:
-            m["splits"]["train"]["shards"][1][field] += 1
-
-    edit_manifest(copy, tamper)
-    with pytest.raises(DataError) as e:
-        open_shards(str(copy))
-    one_line_error(
-        e, *{"count": ["count"], "bytes": ["train-000001.tar"], "format": ["manifest format"]}[field]
-    )
-
-
-def test_corrupt_first_header(copy: Path) -> None:
-    path = copy / "train-000000.tar"
-    blob = bytearray(path.read_bytes())
-    blob[124:136] = b"77777777777\0"  # size field, checksum left as it was
-    path.write_bytes(bytes(blob))
-    with pytest.raises(DataError) as e:
-        open_shards(str(copy))
-    one_line_error(e, "corrupt tar header", "train-000000.tar", "byte 0")
-
-
-def test_damage_inside_a_shard(copy: Path) -> None:
-    """Damage past the first sample is found by verify=True before training, else while reading (one line)."""
-    path = copy / "train-000003.tar"
-    with tarfile.open(path) as tar:
-        at = tar.getmembers()[10].offset  # the header of a later member
-    blob = bytearray(path.read_bytes())
-    blob[at + 2] ^= 0x20  # its name
-    path.write_bytes(bytes(blob))
-    open_shards(str(copy))  # sizes and first samples are fine
-    with pytest.raises(DataError) as e:
-        open_shards(str(copy), verify=True)
-    one_line_error(e, "sha256 mismatch", "train-000003.tar")
-    with pytest.raises(DataError) as e:
-        list(loader(str(copy), num_workers=2))
-    one_line_error(e, "corrupt tar header", "train-000003.tar")
-
-
-def test_shard_with_fewer_samples_than_its_manifest_entry(copy: Path) -> None:
-    def tamper(m: dict[str, Any]) -> None:  # consistent counts: only reading the shard can tell
-        m["splits"]["val"]["shards"][0]["count"] += 1
-        m["splits"]["val"]["count"] += 1
-
-    edit_manifest(copy, tamper)
-    with pytest.raises(DataError) as e:
-        list(loader(str(copy), "val", batch_size=4, num_workers=2))
-    one_line_error(e, "val-000000.tar", "manifest entry says")
 
 
 def test_brace_pattern(tiny_shards: str) -> None:
@@ -465,44 +318,16 @@ def test_too_few_samples_for_the_batch(few_shards: str) -> None:
     one_line_error(e, "lower the batch size")
 
 
-def test_empty_val_split(tmp_path: Path) -> None:
-    root = _shard(tmp_path / "s", "--source", "synthetic:20", "--size", "8", "--val-fraction", "0")
+def test_empty_val_split(make_shards) -> None:
+    root = make_shards("--source", "synthetic:20", "--size", "8", "--val-fraction", "0")
     val = loader(root, "val")
     assert len(val) == 0 and list(val) == [] and val.epoch == 1
-
-
-# ------------------------------------------------------------------------------------------ tar reader
-
-
-@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
-def test_reader_handles_long_names_and_directories(fmt: int) -> None:
-    """Other writers' tars: pax / GNU long-name headers and directory entries are read like tarfile does."""
-    keys = ["short", "x" * 120, "d/inner"]
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
-        tar.addfile(_dir("d"))
-        for i, key in enumerate(keys):
-            for ext, payload in (("npy", bytes([i]) * (700 + i)), ("cls", str(i).encode())):
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
-    buf.seek(0)
-    tar = data._TarStream(buf, "mem.tar", chunk=1024)  # small buffer: exercises refills
-    got = list(data._iter_samples(tar, "mem.tar", 0, 3, 3, frozenset({"npy", "cls"})))
-    assert [k for k, _ in got] == keys
-    assert [(s["npy"], int(s["cls"])) for _, s in got] == [(bytes([i]) * (700 + i), i) for i in range(3)]
-
-
-def _dir(name: str) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.type = tarfile.DIRTYPE
-    return info
 
 
 def test_slot_ring_waits_for_the_consumer() -> None:
     """A worker may only reuse a batch slot once the consumer has released it (a guard: the DataLoader's
     prefetch bound normally keeps workers from getting that far ahead)."""
-    slots = data._Slots(workers=1, depth=2, shape=(1, 1, 2, 2))
+    slots = Slots(workers=1, depth=2, shape=(1, 1, 2, 2))
     slots.acquire(0, 0)
     slots.acquire(0, 1)
     timer = threading.Timer(0.3, slots.release, (0, 0))

@@ -1,4 +1,5 @@
-"""Sample grids during training and diagnostic plots at the end, written through :mod:`vaejob.storage`.
+"""The figures of a run: sample grids and reconstructions during training, diagnostic plots at the end,
+latent traversals and interpolations for evaluation; written through :mod:`vaejob.storage`.
 
 Runs on rank 0 with the unwrapped model, which must provide ``latent_dim``, ``image_shape`` (C, H, W),
 ``encode(x) -> (mu, logvar)``, ``decode(z) -> logits`` and ``mean_image(logits) -> [0, 1] images``.
@@ -12,7 +13,6 @@ streams are untouched and the same seed gives the same latents on every device a
 
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -24,6 +24,10 @@ import torch
 from torch import Tensor
 
 from vaejob import plots, storage
+from vaejob.config import SamplesConfig
+from vaejob.loader.batch import unit_float
+from vaejob.rundir import step_dir_name
+from vaejob.tracking import Tracker
 
 SAMPLES_FORMAT = "vaejob-samples/1"
 RECON_NROW = 8
@@ -32,10 +36,6 @@ INTERP_STEPS = 10
 TRAVERSAL_SPAN = 3.0
 TRAVERSAL_STEPS = 11
 DECODE_BATCH = 256
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:08d}"
 
 
 def to_uint8_nhwc(x: Tensor) -> np.ndarray:
@@ -68,11 +68,6 @@ def _evaluating(model: torch.nn.Module) -> Iterator[None]:
             m.training = training
 
 
-def _as_unit_float(images: Tensor) -> Tensor:
-    """Loader images (float in [0, 1], or uint8 when raw) as float in [0, 1]."""
-    return images.float().div(255.0) if images.dtype == torch.uint8 else images.float()
-
-
 def _decode_images(model: torch.nn.Module, z: Tensor) -> Tensor:
     return model.mean_image(model.decode(z)).float()
 
@@ -80,13 +75,6 @@ def _decode_images(model: torch.nn.Module, z: Tensor) -> Tensor:
 def _check_shape(model: torch.nn.Module, images: Tensor, what: str) -> None:
     if tuple(images.shape[1:]) != tuple(model.image_shape):
         raise ValueError(f"{what} have shape {tuple(images.shape[1:])}, model expects {model.image_shape}")
-
-
-def item_generator(seed: int, item: str | int) -> torch.Generator:
-    """A private CPU generator seeded by ``(seed, item)``, ``item`` a sample key or global index: noise that
-    belongs to one sample, so it is the same whatever the batching, the rank count or the device."""
-    digest = hashlib.sha256(f"{seed}:{item}".encode()).digest()
-    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "big") >> 1)
 
 
 def decode_latents(model: torch.nn.Module, z: Tensor, device: torch.device | str | None = None) -> Tensor:
@@ -117,7 +105,7 @@ def reconstruct(model: torch.nn.Module, x: Tensor, device: torch.device | str | 
     """Deterministic reconstructions decode(mu(x)) of images ``x`` (N×C×H×W in [0, 1]) as mean images."""
     dev, dtype = _placement(model, device)
     with _evaluating(model):
-        mu, _ = model.encode(_as_unit_float(x).to(dev, dtype))
+        mu, _ = model.encode(unit_float(x).to(dev, dtype))
         return _decode_images(model, mu)
 
 
@@ -158,7 +146,7 @@ def write_samples(
     num_recon = 0 if fixed_images is None else len(fixed_images)
     if fixed_images is not None and num_recon:
         _check_shape(model, fixed_images, "fixed_images")
-        originals = to_uint8_nhwc(_as_unit_float(fixed_images))
+        originals = to_uint8_nhwc(unit_float(fixed_images))
         recons = to_uint8_nhwc(reconstruct(model, fixed_images, device))
         recon_grid = plots.recon_grid(originals, recons, nrow=min(RECON_NROW, num_recon))
         recon_png = plots.to_png(recon_grid)
@@ -205,7 +193,7 @@ def _encode_val(
         index = valid.nonzero().flatten()[: max_points - count]
         if len(index) == 0:
             continue
-        chosen = _as_unit_float(images[index.to(images.device)])
+        chosen = unit_float(images[index.to(images.device)])
         _check_shape(model, chosen, "val images")
         mu, _ = model.encode(chosen.to(device, dtype))
         mus.append(mu.float().cpu())
@@ -256,7 +244,7 @@ def interpolation_grid(
     """Interpolation rows (uint8 grid, as in ``write_final_plots``) between consecutive pairs of ``images``
     (N×C×H×W, N >= 2, float in [0, 1] or uint8)."""
     dev, dtype = _placement(model, device)
-    x = _as_unit_float(images).cpu()
+    x = unit_float(images).cpu()
     _check_shape(model, x, "images")
     with _evaluating(model):
         mu, _ = model.encode(x.to(dev, dtype))
@@ -275,7 +263,7 @@ def latent_traversal(
     """A uint8 grid with one row per latent dimension ``d`` in ``dims``: decode(mu(image) + v e_d) for
     ``steps`` values v from -span to span (the other dimensions stay at the image's posterior mean)."""
     dev, dtype = _placement(model, device)
-    x = _as_unit_float(image[None]).cpu()
+    x = unit_float(image[None]).cpu()
     _check_shape(model, x, "image")
     with _evaluating(model):
         mu, _ = model.encode(x.to(dev, dtype))
@@ -328,3 +316,47 @@ def write_final_plots(
         storage.atomic_write_bytes(storage.join(plots_dir, f"{name}.png"), plots.to_png(grid))
         out[name] = grid
     return out
+
+
+class TrainingFigures:
+    """Rank 0's figures of a training run: samples and reconstructions every ``sample_every`` steps, the
+    final plots at the end; each also goes to W&B when ``wandb.log_images``."""
+
+    def __init__(
+        self,
+        cfg: SamplesConfig,
+        root: str,
+        every: int,
+        tracker: Tracker,
+        fixed_images: Tensor | None,
+        log_images: bool,
+        label_names: Sequence[str] | None,
+    ) -> None:
+        self.cfg, self.root, self.every, self.tracker = cfg, root, every, tracker
+        self.fixed_images, self.log_images, self.label_names = fixed_images, log_images, label_names
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def write_samples(self, model: torch.nn.Module, step: int, device: torch.device) -> None:
+        fixed = self.fixed_images.to(device) if self.fixed_images is not None else None
+        result = write_samples(
+            self.root, step, model, fixed, n=self.cfg.num, seed=self.cfg.seed, device=device
+        )
+        if self.log_images:
+            grids = {"samples": result["samples_grid"], "recon": result.get("recon_grid")}
+            self.tracker.log_images(step, {k: v for k, v in grids.items() if v is not None})
+
+    def write_final(
+        self,
+        model: torch.nn.Module,
+        step: int,
+        val_batches: Iterable[Mapping[str, Tensor]],
+        records: Sequence[Mapping[str, Any]],
+        device: torch.device,
+    ) -> None:
+        images = write_final_plots(
+            self.root, model, val_batches, records, label_names=self.label_names, device=device
+        )
+        if self.log_images:
+            self.tracker.log_images(step, images)

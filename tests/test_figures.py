@@ -1,4 +1,4 @@
-"""Sample grids and final plots (vaejob.plots, vaejob.samples) with a tiny linear stand-in VAE."""
+"""Sample grids and final plots (vaejob.plots, vaejob.figures) with a tiny linear stand-in VAE."""
 
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from vaejob import plots, samples, storage
+from vaejob import figures, plots, storage
 
 GRAY = (1, 28, 28)
 RGB = (3, 32, 32)
 
 
 class TinyVAE(nn.Module):
-    """The model interface vaejob.samples relies on, with linear maps and a dropout to expose train mode."""
+    """The model interface vaejob.figures relies on, with linear maps and a dropout to expose train mode."""
 
     def __init__(self, image_shape: tuple[int, int, int], latent_dim: int) -> None:
         super().__init__()
@@ -166,15 +166,15 @@ def test_generate_is_seeded_and_leaves_global_rng(shape: tuple[int, int, int]) -
     model = make_model(shape, 4)
     model.train()
     cpu_state = torch.get_rng_state()
-    a = samples.generate(model, 6, seed=7, device="cpu")
-    b = samples.generate(model, 6, seed=7, device="cpu")
+    a = figures.generate(model, 6, seed=7, device="cpu")
+    b = figures.generate(model, 6, seed=7, device="cpu")
     assert torch.equal(torch.get_rng_state(), cpu_state)
     assert a.shape == (6, *shape) and a.dtype == torch.float32 and 0 <= a.min() and a.max() <= 1
     assert torch.equal(a, b)
-    assert not torch.equal(a, samples.generate(model, 6, seed=8, device="cpu"))
-    assert not torch.equal(a, samples.generate(model, 6, seed=7, device="cpu", temperature=0.5))
+    assert not torch.equal(a, figures.generate(model, 6, seed=8, device="cpu"))
+    assert not torch.equal(a, figures.generate(model, 6, seed=7, device="cpu", temperature=0.5))
     assert model.training and model.drop.training  # mode restored
-    u8 = samples.to_uint8_nhwc(a)
+    u8 = figures.to_uint8_nhwc(a)
     assert u8.dtype == np.uint8 and u8.shape == (6, shape[1], shape[2], shape[0])
 
 
@@ -183,7 +183,7 @@ def test_reconstruct_uses_mean_and_restores_modes() -> None:
     model.train()
     model.enc.eval()  # a submodule's own mode survives
     x = torch.rand(5, *GRAY)
-    r1, r2 = samples.reconstruct(model, x), samples.reconstruct(model, (x * 255).round().to(torch.uint8))
+    r1, r2 = figures.reconstruct(model, x), figures.reconstruct(model, (x * 255).round().to(torch.uint8))
     assert r1.shape == (5, *GRAY)
     torch.testing.assert_close(r1, r2, atol=0.02, rtol=0)
     assert model.training and model.drop.training and not model.enc.training
@@ -194,7 +194,7 @@ def test_write_samples_local(tmp_path, shape: tuple[int, int, int]) -> None:
     c, h, w = shape
     model = make_model(shape, 4)
     fixed = torch.rand(12, *shape)
-    out = samples.write_samples(str(tmp_path), 1234, model, fixed, n=16, seed=3)
+    out = figures.write_samples(str(tmp_path), 1234, model, fixed, n=16, seed=3)
     step_dir = tmp_path / "samples" / "step_00001234"
     assert out["dir"] == str(step_dir)
     meta = json.loads((step_dir / "meta.json").read_text())
@@ -206,7 +206,7 @@ def test_write_samples_local(tmp_path, shape: tuple[int, int, int]) -> None:
     arr = np.load(step_dir / "samples.npy", allow_pickle=False)
     assert arr.dtype == np.uint8 and arr.shape == (16, h, w, c)
     np.testing.assert_array_equal(arr, out["samples"])
-    np.testing.assert_array_equal(arr, samples.to_uint8_nhwc(samples.generate(model, 16, 3, "cpu")))
+    np.testing.assert_array_equal(arr, figures.to_uint8_nhwc(figures.generate(model, 16, 3, "cpu")))
 
     mode = "L" if c == 1 else "RGB"
     sh, sw = grid_hw(16, 4, h, w)
@@ -221,7 +221,7 @@ def test_write_samples_local(tmp_path, shape: tuple[int, int, int]) -> None:
 
 
 def test_write_samples_without_fixed_images(tmp_path) -> None:
-    out = samples.write_samples(str(tmp_path), 0, make_model(GRAY, 2), None, n=5)
+    out = figures.write_samples(str(tmp_path), 0, make_model(GRAY, 2), None, n=5)
     assert out["meta"]["files"] == ["samples.png", "samples.npy"] and "recon_png" not in out
     assert png_size(out["samples_png"])[:2] == grid_hw(5, 3, 28, 28)[::-1]
 
@@ -231,13 +231,13 @@ def test_write_samples_and_plots_to_fsspec_memory() -> None:
     fs = fsspec.filesystem("memory")
     try:
         model = make_model(RGB, 2)
-        samples.write_samples(root, 5, model, torch.rand(4, *RGB), n=9)
+        figures.write_samples(root, 5, model, torch.rand(4, *RGB), n=9)
         step_dir = storage.join(root, "samples", "step_00000005")
         meta = storage.read_json(storage.join(step_dir, "meta.json"))
         assert png_size(storage.read_bytes(storage.join(step_dir, "samples.png"))) == (104, 104, "RGB")
         arr = np.load(io.BytesIO(storage.read_bytes(storage.join(step_dir, "samples.npy"))))
         assert arr.shape == (9, 32, 32, 3) and meta["files"] == ["samples.png", "samples.npy", "recon.png"]
-        samples.write_final_plots(root, model, val_batches(RGB), RECORDS)
+        figures.write_final_plots(root, model, val_batches(RGB), RECORDS)
         names = {
             p.rsplit("/", 1)[1] for p in fs.ls(storage.join(root, "plots").split("://", 1)[1], detail=False)
         }
@@ -261,7 +261,7 @@ def test_write_final_plots(tmp_path, shape: tuple[int, int, int], latent_dim: in
 
     model.encode = counting_encode  # type: ignore[method-assign]
     batches = val_batches(shape, batches=4)
-    out = samples.write_final_plots(
+    out = figures.write_final_plots(
         str(tmp_path), model, batches, RECORDS, label_names=[str(i) for i in range(10)], max_points=15
     )
     assert encoded == [6, 6, 3]  # 6 valid rows per batch; the 4th batch is never pulled
@@ -291,5 +291,5 @@ def test_write_final_plots_without_val_points(tmp_path) -> None:
             "valid": torch.tensor([False, False]),
         }
     ]
-    out = samples.write_final_plots(str(tmp_path), model, empty, [])
+    out = figures.write_final_plots(str(tmp_path), model, empty, [])
     assert set(out) == {"loss_curves"}

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import json
 import os
 import pickle
 import re
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +17,10 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from vaejob.shard import TarWriter, in_val, main
-from vaejob.sources import FASHION_MNIST_NAMES
+from tests.util import manifest, write_shard_set
+from vaejob.shard import main
+from vaejob.shards.plan import in_val
+from vaejob.shards.sources import FASHION_MNIST_NAMES
 
 KEY_RE = re.compile(r"[A-Za-z0-9_-]{1,80}")
 
@@ -29,9 +29,8 @@ KEY_RE = re.compile(r"[A-Za-z0-9_-]{1,80}")
 
 
 def shard(out: Path, *args: str, workers: int = 1) -> dict:
-    """Shard in-process and return the manifest."""
-    assert main([*args, "--out", str(out), "--workers", str(workers)]) == 0
-    return json.loads((out / "manifest.json").read_text())
+    """Shard in-process into ``out`` and return the manifest."""
+    return manifest(write_shard_set(*args, out=out, workers=workers))
 
 
 def read_back(out: Path, split: str) -> list[dict]:
@@ -295,34 +294,6 @@ def test_png_and_jpg_encodings(tmp_path: Path) -> None:
         assert a["__key__"] == p["__key__"] == j["__key__"]
         np.testing.assert_array_equal(a["npy"], p["png"])
         assert np.abs(a["npy"].astype(int) - j["jpg"].astype(int)).mean() < 12
-
-
-def test_tar_writer_matches_tarfile() -> None:
-    members = [("k-1.npy", b"x" * 1000), ("k-1.cls", b"3"), ("a" * 80 + ".json", b"{}"), ("e.npy", b"")]
-    ref = io.BytesIO()
-    with tarfile.open(fileobj=ref, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = (
-                len(data),
-                0,
-                0o644,
-                0,
-                0,
-                "",
-                "",
-            )
-            tar.addfile(info, io.BytesIO(data))
-    ours = io.BytesIO()
-    writer = TarWriter(ours)  # type: ignore[arg-type]
-    for name, data in members:
-        writer.add(name, data)
-    writer.close()
-    assert ours.getvalue() == ref.getvalue()
-    assert (
-        writer.pos == len(ref.getvalue())
-        and writer.sha.hexdigest() == hashlib.sha256(ref.getvalue()).hexdigest()
-    )
 
 
 def test_overwrite_replaces_the_old_set(tmp_path: Path) -> None:

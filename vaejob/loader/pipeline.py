@@ -1,0 +1,91 @@
+"""The stages one stream runs: read its shard segments -> shuffle buffer -> fast-forward -> decode + collate.
+
+Samples stay raw bytes in the shuffle buffer and are decoded only when a batch is emitted; a resumed stream
+fast-forwards past the consumed batches without decoding anything.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable, Iterator
+from itertools import chain, islice, repeat
+from typing import Any
+
+import numpy as np
+
+from vaejob.loader.plan import Stream
+from vaejob.shards.codec import Decoder
+from vaejob.shards.format import DataError
+from vaejob.shards.tar import Raw, read_segment
+
+
+def shuffled(items: Iterable[Raw], size: int, rng: random.Random) -> Iterator[Raw]:
+    """A shuffle buffer of ``size`` items (webdataset's scheme: emit a random slot, refill it)."""
+    buf: list[Raw] = []
+    for x in items:
+        if len(buf) < size:
+            buf.append(x)
+            continue
+        i = rng.randrange(size)
+        yield buf[i]
+        buf[i] = x
+    rng.shuffle(buf)
+    yield from buf
+
+
+def collate(
+    decoder: Decoder, samples: list[Raw | None], images: np.ndarray, with_keys: bool
+) -> dict[str, Any]:
+    """Decode ``samples`` into ``images`` (N, C, H, W) uint8; returns labels, the valid mask (and keys).
+    ``None`` is val padding: zeros, label -1, not valid, key ``""``."""
+    n = len(samples)
+    labels = np.full(n, -1, np.int64)
+    valid = np.zeros(n, np.bool_)
+    keys = []
+    for i, s in enumerate(samples):
+        if s is None:
+            images[i] = 0
+            keys.append("")
+            continue
+        url, key, members = s
+        images[i] = decoder.image(url, key, members).transpose(2, 0, 1)
+        cls = members.get("cls")
+        if cls is not None:
+            try:
+                labels[i] = int(cls)
+            except ValueError:
+                raise DataError(f"{key}.cls in {url} is not an integer; re-create the shard set") from None
+        valid[i] = True
+        keys.append(key)
+    batch: dict[str, Any] = {"label": labels, "valid": valid}
+    if with_keys:
+        batch["key"] = keys
+    return batch
+
+
+def run_stream(
+    stream: Stream,
+    decoder: Decoder,
+    batch_size: int,
+    shuffle_buffer: int,
+    with_keys: bool,
+    buffer_for: Callable[[int], np.ndarray] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """The stream's batches. Without ``buffer_for`` each batch carries a fresh ``image`` array; with it,
+    batch ``index`` is decoded into ``buffer_for(index)`` (a shared-memory slot) and carries its ``index``."""
+    raw: Iterable[Raw] = chain.from_iterable(read_segment(*seg, decoder.wanted) for seg in stream.segments)
+    if stream.seed is not None and shuffle_buffer > 1:
+        raw = shuffled(raw, shuffle_buffer, random.Random(stream.seed))
+    samples: Iterator[Raw | None] = chain(raw, repeat(None, stream.pad))
+    for _ in range(stream.skip * batch_size):  # fast-forward: the raw bytes go by undecoded
+        next(samples)
+    c, h, w = decoder.shape
+    for index in range(stream.batches):
+        chunk = list(islice(samples, batch_size))
+        if len(chunk) != batch_size:
+            raise DataError(f"the shards hold fewer samples than the manifest lists: {stream.segments}")
+        if buffer_for is None:
+            images = np.empty((batch_size, c, h, w), np.uint8)
+            yield {"image": images, **collate(decoder, chunk, images, with_keys)}
+        else:
+            yield {"index": index, **collate(decoder, chunk, buffer_for(index), with_keys)}

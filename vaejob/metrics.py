@@ -1,0 +1,275 @@
+"""One pass over a split that measures a VAE the way training's validation and ``vaejob.evaluate`` both
+report it: −ELBO (one z per image, analytic KL), reconstruction, KL (total and per dimension), active latent
+units, dead units of a Dense bottleneck and per-class −ELBO, plus an optional per-image NLL estimate such as
+the importance-weighted bound (``iw_log_px``, Burda et al. 2016).
+
+Exact across ranks: padding rows are dropped, per-image values are summed in float64 and all-reduced, so
+every sample counts once. Where the noise comes from is the caller's choice: ``DeviceNoise`` (one device
+generator, reseeded per pass: cheap, the same noise at every training evaluation) or ``KeyedNoise`` (a
+generator per sample key: the numbers do not depend on the rank count, batch size or device).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from torch import Tensor
+
+from vaejob.config import LossConfig
+from vaejob.loader.batch import Batch, unit_float
+from vaejob.loss import LossOut, bits_per_dim, reconstruction_nats, vae_loss
+from vaejob.model import VAE
+from vaejob.seeding import item_generator
+from vaejob.shards import ShardSet
+
+ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016: a latent dim is active if Var_x E[z_d|x] > 0.01
+IW_CHUNK = 100  # importance samples per image per decoder pass; fixed, as it shapes the noise stream
+
+
+class Noise(Protocol):
+    def draw(self, keys: Sequence[str] | None, n: int, dim: int, device: torch.device) -> Tensor: ...
+
+
+class DeviceNoise:
+    def __init__(self, seed: int, device: torch.device) -> None:
+        self.gen = torch.Generator(device=device).manual_seed(seed)
+
+    def draw(self, keys: Sequence[str] | None, n: int, dim: int, device: torch.device) -> Tensor:
+        return torch.randn((n, dim), generator=self.gen, device=device)
+
+
+class KeyedNoise:
+    """Image ``key``'s noise comes from a CPU generator seeded by (seed, key); ``generators`` keeps the
+    current batch's, so further samples of an image (the importance-weighted bound) continue its stream."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self.generators: list[torch.Generator] = []
+
+    def draw(self, keys: Sequence[str] | None, n: int, dim: int, device: torch.device) -> Tensor:
+        if keys is None:
+            raise ValueError("KeyedNoise needs the sample keys: make the loader with with_keys=True")
+        self.generators = [item_generator(self.seed, k) for k in keys]
+        return torch.stack([torch.randn(dim, generator=g) for g in self.generators]).to(device)
+
+
+class ElboSums:
+    """Float64 per-rank sums of a pass (and the max activation of each bottleneck unit), reduced once."""
+
+    SCALARS = ("count", "recon", "kl", "nelbo", "nll")
+
+    def __init__(self, latent_dim: int, num_classes: int, hidden_units: int, device: torch.device) -> None:
+        z = dict(dtype=torch.float64, device=device)
+        self.scalars = torch.zeros(len(self.SCALARS), **z)
+        self.kl_dim, self.mu, self.mu_sq = (torch.zeros(latent_dim, **z) for _ in range(3))
+        self.class_nelbo, self.class_count = torch.zeros(num_classes, **z), torch.zeros(num_classes, **z)
+        self.hidden_max = torch.full((hidden_units,), -torch.inf, device=device) if hidden_units else None
+        self.has_nll = False
+
+    def add(
+        self, out: LossOut, mu: Tensor, labels: Tensor, hidden: Tensor | None, nll: Tensor | None
+    ) -> None:
+        nelbo = out.nelbo.double()
+        zero = torch.zeros_like(nelbo)
+        per_image = (
+            torch.ones_like(nelbo),
+            out.recon.double(),
+            out.kl.double(),
+            nelbo,
+            zero if nll is None else nll,
+        )
+        self.scalars += torch.stack([v.sum() for v in per_image])
+        self.has_nll = nll is not None
+        self.kl_dim += out.kl_per_dim.double().sum(0)
+        self.mu += mu.double().sum(0)
+        self.mu_sq += mu.double().pow(2).sum(0)
+        labelled = labels >= 0
+        if len(self.class_count) and labelled.any():
+            self.class_nelbo.index_add_(0, labels[labelled], nelbo[labelled])
+            self.class_count.index_add_(0, labels[labelled], torch.ones_like(nelbo[labelled]))
+        if self.hidden_max is not None and hidden is not None:
+            self.hidden_max = torch.maximum(self.hidden_max, hidden.float().amax(0))
+
+    def _parts(self) -> list[Tensor]:
+        return [self.scalars, self.kl_dim, self.mu, self.mu_sq, self.class_nelbo, self.class_count]
+
+    def reduce(self, acc: Accelerator) -> None:
+        """Collective: sums over all ranks (one all-reduce), and the bottleneck maxima (a second)."""
+        flat = acc.reduce(torch.cat(self._parts()), reduction="sum")
+        for part, new in zip(self._parts(), flat.split([p.numel() for p in self._parts()]), strict=True):
+            part.copy_(new)
+        if self.hidden_max is not None and acc.num_processes > 1:
+            dist.all_reduce(self.hidden_max, op=dist.ReduceOp.MAX)
+
+    def result(self, image_shape: tuple[int, int, int], label_names: Sequence[str] | None) -> dict[str, Any]:
+        totals = dict(zip(self.SCALARS, self.scalars.tolist(), strict=True))
+        n = totals["count"]
+        mean = {key: totals[key] / n for key in self.SCALARS[1:]}
+        var = self.mu_sq / n - (self.mu / n) ** 2
+        record: dict[str, Any] = {
+            "count": int(n),
+            "nelbo": mean["nelbo"],
+            "recon": mean["recon"],
+            "kl": mean["kl"],
+            "nelbo_bits_per_dim": bits_per_dim(mean["nelbo"], image_shape),
+            "active_units": int((var > ACTIVE_UNIT_THRESHOLD).sum().item()),
+            "latent_dim": len(var),
+            "kl_per_dim": (self.kl_dim / n).tolist(),
+        }
+        if self.has_nll:
+            record["iw_nll"] = mean["nll"]
+            record["bits_per_dim"] = bits_per_dim(mean["nll"], image_shape)
+        if self.hidden_max is not None:
+            record["dead_hidden_units"] = int((self.hidden_max <= 0).sum().item())
+            record["hidden_units"] = int(self.hidden_max.numel())
+        counts = self.class_count.tolist()
+        if any(counts):
+            names = label_names or [str(c) for c in range(len(counts))]
+            record["per_class"] = {
+                str(name): {"count": int(c), "nelbo": s / c}
+                for name, c, s in zip(names, counts, self.class_nelbo.tolist(), strict=True)
+                if c
+            }
+        return record
+
+
+@torch.no_grad()
+def iw_log_px(
+    model: VAE,
+    x: Tensor,
+    loss_cfg: LossConfig,
+    k: int,
+    *,
+    generators: Sequence[torch.Generator],
+    chunk: int = IW_CHUNK,
+) -> Tensor:
+    """Importance-weighted estimate of log p(x) per image, float64 (N,) nats:
+    ``logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log k`` with z_k ~ q(z|x).
+
+    ``x`` is N×C×H×W in [0, 1]; image ``i``'s noise comes from ``generators[i]`` (CPU), drawn ``chunk``
+    samples at a time, so the result is a function of (model, x, generator states, k, chunk). Memory holds
+    N×chunk decoded images; the log-sum-exp runs over chunks in float64.
+    """
+    if len(generators) != len(x) or k < 1 or chunk < 1:
+        raise ValueError(
+            f"need one generator per image, k >= 1 and chunk >= 1 (got {len(generators)}, {k}, {chunk})"
+        )
+    mu, logvar = (t.float() for t in model.encode(x))
+    std = torch.exp(0.5 * logvar)
+    n, d = mu.shape
+    total = torch.full((n,), -math.inf, dtype=torch.float64, device=x.device)
+    for start in range(0, k, chunk):
+        c = min(chunk, k - start)
+        eps = torch.stack([torch.randn(c, d, generator=g) for g in generators]).to(x.device)  # (N, c, D)
+        z = mu[:, None] + std[:, None] * eps
+        logits = model.decode(z.reshape(n * c, d))
+        x_rep = x[:, None].expand(n, c, *x.shape[1:]).reshape(n * c, *x.shape[1:])
+        log_px_z = -reconstruction_nats(logits, x_rep, loss_cfg).view(n, c)
+        # log p(z) - log q(z|x) for diagonal Gaussians; the (2 pi) terms cancel.
+        log_prior_ratio = 0.5 * (eps.pow(2) + logvar[:, None] - z.pow(2)).sum(-1)
+        log_w = (log_px_z + log_prior_ratio).double()
+        total = torch.logaddexp(total, torch.logsumexp(log_w, dim=1))
+    return total - math.log(k)
+
+
+# An extra per-image measurement on a batch's valid inputs: f(model, x) -> (N,) float64 NLL in nats.
+NllFn = Callable[[VAE, Tensor], Tensor]
+
+
+@torch.no_grad()
+def elbo_pass(
+    acc: Accelerator,
+    model: VAE,
+    batches: Iterable[Batch],
+    loss_cfg: LossConfig,
+    noise: Noise,
+    num_classes: int,
+    *,
+    to_input: Callable[[Tensor], Tensor] | None = None,
+    nll: NllFn | None = None,
+    on_images: Callable[[Tensor], None] | None = None,
+) -> ElboSums:
+    """Collective. Sums over every valid image of ``batches`` (this rank's part of the split), reduced.
+    ``to_input`` maps a batch's images (uint8 or float) to model inputs on the device; ``on_images`` sees
+    each batch's valid inputs (e.g. to keep the first few for figures)."""
+    device = acc.device
+    to_input = to_input or (lambda images: unit_float(images.to(device, non_blocking=True)))
+    sums = ElboSums(model.latent_dim, num_classes, model.hidden_units, device)
+    for batch in batches:
+        keep = batch["valid"].nonzero().flatten()
+        if len(keep) == 0:
+            continue
+        x = to_input(batch["image"][keep])
+        labels = batch["label"][keep].to(device)
+        keys = [batch["key"][i] for i in keep.tolist()] if "key" in batch else None
+        if on_images is not None:
+            on_images(x)
+        with acc.autocast():
+            mu, logvar, hidden = model.encode_hidden(x)
+            eps = noise.draw(keys, len(x), mu.shape[1], device)
+            logits = model.decode(mu.float() + torch.exp(0.5 * logvar.float()) * eps)
+            image_nll = nll(model, x) if nll is not None else None
+        out = vae_loss(logits, x, mu, logvar, loss_cfg, 1.0)
+        sums.add(out, mu, labels, hidden, image_nll)
+    sums.reduce(acc)
+    return sums
+
+
+class Validator:
+    """Training's validation cadence: an exact pass over the whole val split every ``eval_every`` steps."""
+
+    def __init__(
+        self,
+        acc: Accelerator,
+        loader: Any,
+        loss_cfg: LossConfig,
+        seed: int,
+        every: int,
+        to_input: Callable[[Tensor], Tensor],
+        shards: ShardSet,
+    ) -> None:
+        self.acc, self.loader, self.loss_cfg, self.seed, self.every = acc, loader, loss_cfg, seed, every
+        self.to_input, self.shards = to_input, shards
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def run(self, model: VAE, step: int) -> dict[str, Any]:
+        """Collective: the val record of ``step`` (as training logs it to metrics.jsonl and W&B)."""
+        was_training = model.training
+        model.eval()
+        self.loader.set_epoch(0)
+        sums = elbo_pass(
+            self.acc,
+            model,
+            self.loader,
+            self.loss_cfg,
+            DeviceNoise(self.seed, self.acc.device),  # the same z noise at every evaluation
+            self.shards.num_classes,
+            to_input=self.to_input,
+        )
+        if was_training:
+            model.train()
+        r = sums.result(model.image_shape, self.shards.label_names)
+        record = {
+            "step": step,
+            "split": "val",
+            "loss": r["nelbo"],
+            "nelbo": r["nelbo"],
+            "recon": r["recon"],
+            "kl": r["kl"],
+            "bits_per_dim": r["nelbo_bits_per_dim"],
+            "active_units": r["active_units"],
+            "count": r["count"],
+        }
+        for key in ("dead_hidden_units", "hidden_units"):
+            if key in r:
+                record[key] = r[key]
+        record["time"] = time.time()
+        return record
