@@ -71,9 +71,6 @@ fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((cpus / procs > 0 ? cpus / procs : 1))}
 export MASTER_ADDR=$master MASTER_PORT=$port
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=1 # a failed NCCL collective aborts the ranks instead of hanging
-# accelerate's launcher (torch elastic) must not act on SIGTERM: it would pass it on and SIGKILL the ranks
-# 30 s later, checkpoint written or not. The ranks handle it; the launcher exits when they do.
-export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT
 export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
 
 launch=(--num_machines "$nnodes" --num_processes "$world" --main_process_ip "$master"
@@ -96,13 +93,18 @@ forward() {
 trap 'forward USR1' USR1
 trap 'forward TERM' TERM
 
-# machine_rank must be read on each node, hence the single quotes. The trap makes the launcher (and the
-# training processes until they install their handlers) ignore USR1/TERM instead of dying on them.
-# srun --wait: once one node's launcher has exited, the others get 60 s, then the step is killed.
+# machine_rank must be read on each node, hence the single quotes. accelerate's launcher (torch elastic's
+# agent) runs with SIGTERM/SIGUSR1 blocked (python -m vaejob.preempt): on SIGTERM it would pass the signal on
+# and SIGKILL the ranks 30 s later, checkpoint written or not, whatever TORCHELASTIC_SIGNALS_TO_HANDLE says
+# (torch 2.14's launcher overwrites that variable). The ranks unblock and handle them; the launcher exits when they do.
+# srun runs with them blocked too: a SIGTERM of its own (scancel --full) would make it "force job termination"
+# and SIGKILL the tasks 32 s later; the ranks get Slurm's signals from their step directly.
+# srun --wait: once one node's launcher has exited, the others get 60 s, then the step is killed (a node lost
+# or a rank hung: the job ends within run.collective_timeout_s + 60 s).
 # shellcheck disable=SC2016
-srun --nodes="$nnodes" --ntasks-per-node=1 "${step_cpus[@]}" --wait=60 \
-  bash -c 'trap "" USR1 TERM; exec accelerate launch --machine_rank "$SLURM_NODEID" "$@"' vaejob \
-  "${launch[@]}" -m vaejob.train "$@" run.resume=auto &
+python -m vaejob.preempt srun --nodes="$nnodes" --ntasks-per-node=1 "${step_cpus[@]}" --wait=60 \
+  bash -c 'trap "" USR1 TERM; exec python -m vaejob.preempt accelerate launch --machine_rank "$SLURM_NODEID" "$@"' \
+  vaejob "${launch[@]}" -m vaejob.train "$@" run.resume=auto &
 srun_pid=$!
 while :; do
   rc=0

@@ -5,9 +5,11 @@ scontrol requeue, 2 training processes over gloo. Every wait is bounded; on fail
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -17,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.util import REPO, metrics, tiny_overrides, wandb_runs, write_shard_set
+from vaejob.checkpoint import verify
 
 pytestmark = pytest.mark.slow
 
@@ -46,14 +49,18 @@ FIRST_CKPT = "step_00000025"
 # -- cluster and helpers -------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def slurm() -> str:
-    """The one-node cluster of slurm/ci-up.sh (started here if needed, stopped again if this started it)."""
+    """The two-node cluster of slurm/ci-up.sh --nodes 2 (started here if needed, stopped again if this
+    started it): vaejob-n1 and vaejob-n2, each slurmd in its own network namespace."""
     if shutil.which("scontrol"):
         ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True)
         was_up = ping.returncode == 0 and "UP" in ping.stdout
     else:
         was_up = False
     cp = subprocess.run(
-        ["bash", str(REPO / "slurm" / "ci-up.sh")], capture_output=True, text=True, timeout=900
+        ["bash", str(REPO / "slurm" / "ci-up.sh"), "--nodes", "2"],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     if cp.returncode == 3:
         pytest.skip(f"no local Slurm cluster: {cp.stderr.strip()}")
@@ -110,7 +117,9 @@ class Job:
         return states(self.id)[-1]
 
 
-def sbatch_train(tmp: Path, overrides: list[str], *sbatch_args: str) -> Job:
+def sbatch_train(
+    tmp: Path, overrides: list[str], *sbatch_args: str, procs: int = 2, env: dict[str, str] | None = None
+) -> Job:
     cp = sh(
         [
             "sbatch",
@@ -124,7 +133,7 @@ def sbatch_train(tmp: Path, overrides: list[str], *sbatch_args: str) -> Job:
             str(REPO / "slurm" / "train.sh"),
             *overrides,
         ],
-        env=job_env(VAEJOB_PROCS_PER_NODE="2"),
+        env=job_env(VAEJOB_PROCS_PER_NODE=str(procs), **(env or {})),
     )
     assert cp.returncode == 0, f"sbatch failed: {cp.stdout}{cp.stderr}"
     job_id = cp.stdout.strip().split(";")[0]
@@ -328,3 +337,180 @@ def test_shard_job_array_matches_single_process(slurm, tmp_path):
     tars = sorted(p.name for p in single.glob("*.tar"))
     assert tars == sorted(p.name for p in arr.glob("*.tar")) and len(tars) > 3
     assert all((arr / t).read_bytes() == (single / t).read_bytes() for t in tars)
+
+
+# -- two nodes ---------------------------------------------------------------------------------------------
+RANK_LINE = re.compile(
+    r"rank (\d)/(\d) \(machine (\d), local rank \d, pid (\d+)\) on (\S+): (\d+) batches per epoch"
+)
+FINISH_LINE = re.compile(
+    r"rank (\d)/\d \(machine \d, local rank \d, pid \d+\) on (\S+): finished at step (\d+), weights sha256 (\w+)"
+)
+STOP_LINE = re.compile(
+    r"rank (\d)/\d \(.*\) on (\S+): checkpointed at step (\d+) after a stop signal; exiting 75"
+)
+TWO_NODES = ("--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1")
+
+
+def job_log(job: Job) -> str:
+    return "".join(p.read_text(errors="replace") for g in job.logs for p in sorted(g.parent.glob(g.name)))
+
+
+def rank_lines(job: Job) -> dict[int, tuple[int, int, str, int]]:
+    """rank -> (machine rank, pid, node name, batches per epoch), from each rank's own start line."""
+    return {int(m[0]): (int(m[2]), int(m[3]), m[4], int(m[5])) for m in RANK_LINE.findall(job_log(job))}
+
+
+def assert_two_nodes(job: Job, steps: int) -> None:
+    ranks = rank_lines(job)
+    assert sorted(ranks) == [0, 1], job.describe()
+    assert {ranks[r][0] for r in ranks} == {0, 1}, ranks  # machine ranks 0 and 1 (accelerate#2816: all 0)
+    assert {ranks[r][2] for r in ranks} == {"vaejob-n1", "vaejob-n2"}, ranks  # on two different nodes
+    assert ranks[0][3] == ranks[1][3] > 0, ranks  # the same batch count on both
+    finished = {int(m[0]): m for m in FINISH_LINE.findall(job_log(job))}
+    assert sorted(finished) == [0, 1] and {int(m[2]) for m in finished.values()} == {steps}, job.describe()
+    assert finished[0][3] == finished[1][3], finished  # identical weights on both nodes at the end
+
+
+@pytest.mark.slurm
+def test_two_nodes_sbatch_completes(slurm, tiny_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    job = sbatch_train(tmp_path, tiny_overrides(tiny_shards, run_dir), *TWO_NODES, procs=1)
+    assert job.wait_done() == "COMPLETED", job.describe()
+    assert_complete_run(run_dir, 20, job)
+    assert_two_nodes(job, 20)
+
+
+@pytest.mark.slurm
+def test_two_nodes_usr1_preemption_continues_like_an_uninterrupted_run(slurm, tiny_shards, tmp_path):
+    straight_dir, run_dir = tmp_path / "straight" / "run", tmp_path / "run"
+    (tmp_path / "straight").mkdir()
+    straight = sbatch_train(
+        tmp_path / "straight", tiny_overrides(tiny_shards, straight_dir, **PREEMPT), *TWO_NODES, procs=1
+    )
+    job = sbatch_train(tmp_path, tiny_overrides(tiny_shards, run_dir, **PREEMPT), *TWO_NODES, procs=1)
+    job.wait_for("the first checkpoint", (run_dir / "checkpoints" / FIRST_CKPT).is_dir, timeout=240)
+    assert sh(["scancel", "--signal=USR1", "--batch", job.id]).returncode == 0
+    assert job.wait_done(timeout=300) == "COMPLETED", job.describe()
+    assert straight.wait_done(timeout=300) == "COMPLETED", straight.describe()
+    stops = STOP_LINE.findall(job_log(job))
+    assert {(int(r), n) for r, n, _ in stops} == {(0, "vaejob-n1"), (1, "vaejob-n2")}, job.describe()
+    assert len({s for *_, s in stops}) == 1, stops  # both nodes checkpointed at the same step
+    assert_resumed(run_dir, PREEMPT["train.max_steps"], job)
+    assert_two_nodes(job, PREEMPT["train.max_steps"])
+    a, b = metrics(straight_dir), metrics(run_dir)
+    assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
+    for ra, rb in zip(a, b, strict=True):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5), ra["step"]
+
+
+@pytest.mark.slurm
+def test_two_nodes_submitit_completes_and_requeues(slurm, tiny_shards, tmp_path):
+    import submitit
+
+    run_dir = tmp_path / "run"
+    nodes = [
+        "--cluster",
+        "slurm",
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "0",
+        "--tasks-per-node",
+        "1",
+        "--cpus-per-task",
+        "1",
+    ]
+    cp, job = submit(tmp_path, *nodes, "--time", "10", *tiny_overrides(tiny_shards, run_dir, **PREEMPT))
+    assert cp.returncode == 0 and job is not None, cp.stdout + cp.stderr
+    job.wait_for("the first checkpoint", (run_dir / "checkpoints" / FIRST_CKPT).is_dir, timeout=240)
+    sjob = submitit.SlurmJob(folder=run_dir / "submitit", job_id=job.id, tasks=[0, 1])
+    sjob._interrupt()
+    assert job.wait_done(timeout=300) == "COMPLETED", job.describe()
+    assert [r["exit_code"] for r in sjob.results()] == [0, 0], job.describe()
+    assert_resumed(run_dir, PREEMPT["train.max_steps"], job)
+    assert_two_nodes(job, PREEMPT["train.max_steps"])
+
+
+def wait_for_rank(job: Job, rank: int, timeout: float = 240) -> tuple[int, int, str, int]:
+    job.wait_for(f"rank {rank}'s start line", lambda: rank in rank_lines(job), timeout=timeout)
+    return rank_lines(job)[rank]
+
+
+@pytest.mark.slurm
+def test_a_lost_node_ends_the_job_fast_and_a_resubmission_resumes(
+    slurm, tiny_shards, tmp_path, record_property
+):
+    run_dir = tmp_path / "run"
+    long = {**PREEMPT, "train.max_steps": 100000}
+    job = sbatch_train(tmp_path, tiny_overrides(tiny_shards, run_dir, **long), *TWO_NODES, procs=1)
+    _, pid, node, _ = wait_for_rank(job, 1)
+    assert node == "vaejob-n2"
+    job.wait_for("the first checkpoint", (run_dir / "checkpoints" / FIRST_CKPT).is_dir, timeout=240)
+    os.kill(pid, signal.SIGKILL)  # the training process on the second node
+    killed = time.monotonic()
+    assert job.wait_done(timeout=300) in ("FAILED", "CANCELLED"), job.describe()
+    took = time.monotonic() - killed
+    record_property("node_loss_to_job_end_s", round(took, 1))
+    print(f"node loss: job ended {took:.1f} s after the rank on vaejob-n2 was killed")
+    assert took < 120, job.describe()
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "failed" and "lost contact with another rank" in status["reason"], status
+    last = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
+    again = sbatch_train(
+        tmp_path,
+        tiny_overrides(tiny_shards, run_dir, **{**PREEMPT, "train.max_steps": 60}),
+        *TWO_NODES,
+        procs=1,
+    )
+    assert again.wait_done(timeout=300) == "COMPLETED", again.describe()
+    assert f"resumed from {last} at step" in job_log(again), again.describe()
+
+
+@pytest.mark.slurm
+def test_a_hung_rank_fails_the_job_within_the_collective_timeout(
+    slurm, tiny_shards, tmp_path, record_property
+):
+    run_dir = tmp_path / "run"
+    long = {**PREEMPT, "train.max_steps": 100000, "run.collective_timeout_s": 20}
+    job = sbatch_train(tmp_path, tiny_overrides(tiny_shards, run_dir, **long), *TWO_NODES, procs=1)
+    _, pid, _, _ = wait_for_rank(job, 1)
+    job.wait_for("the first checkpoint", (run_dir / "checkpoints" / FIRST_CKPT).is_dir, timeout=240)
+    os.kill(pid, signal.SIGSTOP)  # hung: alive, holding its sockets, answering nothing
+    stopped = time.monotonic()
+    try:
+        assert job.wait_done(timeout=300) in ("FAILED", "CANCELLED"), job.describe()
+    finally:
+        subprocess.run(["kill", "-CONT", str(pid)], capture_output=True)
+    took = time.monotonic() - stopped
+    record_property("hung_rank_to_job_end_s", round(took, 1))
+    print(f"hung rank: job ended {took:.1f} s after the rank on vaejob-n2 was stopped (timeout 20 s)")
+    assert took < 20 + 60 + 60, job.describe()  # the timeout, srun --wait=60, slack for a loaded machine
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "failed" and "lost contact with another rank" in status["reason"], status
+    assert "Timed out" in status["reason"] or "timed out" in status["reason"], status
+
+
+@pytest.mark.slurm
+def test_sigterm_waits_for_a_slow_checkpoint(slurm, tiny_shards, tmp_path):
+    """torch's elastic agent SIGKILLs the ranks 30 s after it forwards a SIGTERM: a checkpoint that takes
+    longer (here 40 s, a test-only delay before the rename) must still complete."""
+    run_dir = tmp_path / "run"
+    long = {**PREEMPT, "train.max_steps": 100000, "train.checkpoint_every": 1000000}
+    job = sbatch_train(
+        tmp_path, tiny_overrides(tiny_shards, run_dir, **long), env={"VAEJOB_TEST_CHECKPOINT_DELAY_S": "40"}
+    )
+    job.wait_for(
+        "training",
+        lambda: (run_dir / "metrics.jsonl").exists() and len(metrics(run_dir, "train")) > 5,
+        timeout=240,
+    )
+    # SIGTERM to every process of the job step (what Slurm's preemption and `scancel` send the steps):
+    # accelerate's launcher gets it too.
+    assert sh(["scancel", "--signal=TERM", job.id]).returncode == 0
+    job.wait_done(timeout=300)
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "preempted", (status, job.describe())
+    ckpt = run_dir / "checkpoints" / f"step_{status['step']:08d}"
+    assert ckpt.is_dir() and verify(str(ckpt)) is None, job.describe()
+    assert not list((run_dir / "checkpoints").glob(".tmp-*")), job.describe()

@@ -10,6 +10,7 @@ import pickle
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from PIL import Image
 from tests.util import manifest, write_shard_set
 from vaejob.shard import main
 from vaejob.shards.plan import in_val
-from vaejob.shards.sources import FASHION_MNIST_NAMES
+from vaejob.shards.sources import FASHION_MNIST_NAMES, sanitize_key
 
 KEY_RE = re.compile(r"[A-Za-z0-9_-]{1,80}")
 
@@ -351,24 +352,143 @@ def _bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    cases = _bad_inputs(tmp_path)
-    before = file_hashes_tree(tmp_path)
-    for argv, needle in cases:
+    for argv, needle in _bad_inputs(tmp_path):
         if "--out" not in argv:
             argv = [*argv, "--out", str(tmp_path / "new")]
-        assert main(argv) == 2, argv
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and err.startswith("vaejob.shard: error: ") and needle in err, (argv, err)
-        assert file_hashes_tree(tmp_path) == before, argv
-        assert not (tmp_path / "new").exists()
+        assert_refused(argv, tmp_path, capsys, needle)
 
 
 def file_hashes_tree(root: Path) -> dict[str, str]:
+    """Every file (its sha256) and directory (``"/"``) under ``root``: a created empty dir counts too."""
     return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "/"
         for p in root.rglob("*")
-        if p.is_file()
     }
+
+
+def assert_refused(argv: list[str], root: Path, capsys: pytest.CaptureFixture, *needles: str) -> str:
+    """``vaejob.shard ARGV`` exits 2 with ONE error line holding every needle, and nothing under ``root``
+    changes (no file, no directory); returns the line."""
+    before = file_hashes_tree(root)
+    assert main(argv) == 2, argv
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("vaejob.shard: error: "), (argv, err)
+    assert all(n in err for n in needles), (argv, err)
+    assert file_hashes_tree(root) == before, argv
+    return err
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["val-fraction", "official-split-without-train", "limit-keeps-no-train"],
+)
+def test_empty_train_split_is_refused_before_writing(
+    tmp_path: Path, capsys: pytest.CaptureFixture, case: str
+) -> None:
+    if case == "val-fraction":  # every key hashes below 0.999999: all 50 images would go to val
+        argv, fix = ["--source", "synthetic:50", "--val-fraction", "0.999999"], "lower --val-fraction"
+    elif case == "official-split-without-train":
+        make_idx_dir(tmp_path / "idx", n_train=0, n_test=5)
+        argv, fix = ["--source", f"mnist:{tmp_path / 'idx'}"], "pass --val-fraction"
+    else:  # 1 of 31 images is official train: --limit 1 keeps round(1 * 1/31) = 0 of it
+        make_idx_dir(tmp_path / "idx", n_train=1, n_test=30)
+        argv, fix = ["--source", f"mnist:{tmp_path / 'idx'}", "--limit", "1"], "raise --limit"
+    argv += ["--out", str(tmp_path / "new"), "--workers", "1"]
+    assert_refused(argv, tmp_path, capsys, "the train split would be empty", fix)
+
+
+@pytest.mark.parametrize(
+    "case", ["file/sub", "file/sub/deeper", "file/", "dangling-link/sub", "dangling-link"]
+)
+def test_out_that_cannot_be_created_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture, case: str
+) -> None:
+    (tmp_path / "file").write_text("precious")
+    (tmp_path / "dangling-link").symlink_to(tmp_path / "nowhere")
+    out, top = f"{tmp_path}/{case}", case.split("/")[0]  # an f-string keeps a trailing "/"
+    blocker = out if case.rstrip("/") == top else str(tmp_path / top)  # the path named as in the way
+    argv = ["--source", "synthetic:10", "--out", out, "--workers", "1"]
+    assert_refused(argv, tmp_path, capsys, f"{blocker!r} is not a directory", "choose another --out")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only directory anyway")
+def test_out_in_a_read_only_directory_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    try:
+        argv = ["--source", "synthetic:10", "--out", str(locked / "a" / "b"), "--workers", "1"]
+        assert_refused(argv, tmp_path, capsys, "no permission to create", repr(str(locked)))
+    finally:
+        locked.chmod(0o700)
+
+
+@pytest.mark.parametrize("size", ["8193", "100000"])
+def test_size_is_bounded(tmp_path: Path, capsys: pytest.CaptureFixture, size: str) -> None:
+    argv = ["--source", "synthetic:1", "--size", size, "--out", str(tmp_path / "new")]
+    assert_refused(argv, tmp_path, capsys, "--size", "8192", repr(size))
+
+
+def test_workers_that_do_not_fit_in_memory_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A worker needs ~10 bytes per output byte (0.5 GB at 4096x4096x3): 1.2 GB free fits 2 of them.
+    monkeypatch.setattr("vaejob.shard.available_memory", lambda: 1_200_000_000)
+    argv = ["--source", "synthetic:4", "--size", "4096", "--shard-size", "1", "--workers", "4"]
+    argv += ["--out", str(tmp_path / "new")]
+    assert_refused(argv, tmp_path, capsys, "--workers 4", "--size 4096", "pass --workers 2")
+
+
+# --------------------------------------------------------------------------------------------- unreadable images
+
+
+def make_broken_folder(root: Path, n: int, good: Callable[[str], bool] = lambda key: False) -> None:
+    """``n`` PNG files ``img00.png ...``: a real image where ``good(key)``, else a corrupt one."""
+    root.mkdir(parents=True)
+    for k in range(n):
+        path = root / f"img{k:02d}.png"
+        if good(sanitize_key(path.name)):
+            Image.new("RGB", (8, 8), color=(10 * k, 0, 0)).save(path)
+        else:
+            path.write_bytes(b"\x89PNG\r\n\x1a\n corrupt")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_source_whose_every_image_is_unreadable_fails_and_leaves_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture, workers: int
+) -> None:
+    make_broken_folder(tmp_path / "bad", 6)
+    spec = f"imagefolder:{tmp_path / 'bad'}"
+    argv = ["--source", spec, "--shard-size", "2", "--out", str(tmp_path / "new" / "set")]
+    err = assert_refused([*argv, "--workers", str(workers)], tmp_path, capsys)
+    assert f"all 6 images of {spec!r} were unreadable (first: " in err, err
+    assert re.search(r"\(first: '[^']+/bad/img\d\d\.png': \w+: [^;]+\); fix or remove them", err), err
+
+
+@pytest.mark.parametrize("out", ["new/set", "existing-empty"])
+def test_unreadable_train_images_remove_the_written_val_shards(
+    tmp_path: Path, capsys: pytest.CaptureFixture, out: str
+) -> None:
+    """Train ends up empty after val shards were written: they are removed, with the dirs this run made."""
+    make_broken_folder(tmp_path / "half", 12, good=lambda key: in_val(key, 0.5))
+    (tmp_path / "existing-empty").mkdir()
+    spec = f"imagefolder:{tmp_path / 'half'}"
+    n_train = sum(not in_val(sanitize_key(f"img{k:02d}.png"), 0.5) for k in range(12))
+    assert 0 < n_train < 12  # both splits planned: the val shards do get written
+    argv = ["--source", spec, "--val-fraction", "0.5", "--shard-size", "2", "--out", str(tmp_path / out)]
+    err = assert_refused([*argv, "--workers", "2"], tmp_path, capsys)
+    assert f"all {n_train} train images of {spec!r} were unreadable" in err, err
+    assert "the train split would be empty" in err and "fix or remove them" in err, err
+
+
+def test_finalize_refuses_a_set_without_train_images(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    make_broken_folder(tmp_path / "bad", 4)
+    out = tmp_path / "array"
+    args = ["--source", f"imagefolder:{tmp_path / 'bad'}", "--shard-size", "1", "--out", str(out)]
+    for i in range(2):
+        assert main([*args, "--task-index", str(i), "--num-tasks", "2"]) == 0
+    capsys.readouterr()
+    err = assert_refused(["--finalize", "--out", str(out)], tmp_path, capsys, "were unreadable")
+    assert not (out / "manifest.json").exists() and "re-run every task" in err, err
 
 
 def test_cli_entry_point(tmp_path: Path) -> None:

@@ -65,6 +65,34 @@ def test_tampered_manifest(copy: Path, field: str) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    "where, value",
+    [
+        ("splits.train.shards[1].count", -400),
+        ("splits.train.shards[1].count", 0),  # the writers never list an empty shard
+        ("splits.train.shards[1].bytes", -1),
+        ("splits.val.count", -5),
+        ("labels.num_classes", -1),
+    ],
+)
+def test_impossible_number_in_the_manifest(copy: Path, where: str, value: int) -> None:
+    def tamper(m: dict[str, Any]) -> None:
+        if where == "labels.num_classes":
+            m["labels"]["num_classes"] = value
+        elif where == "splits.val.count":
+            m["splits"]["val"]["count"] = value
+        else:
+            train, field = m["splits"]["train"], where.rsplit(".", 1)[1]
+            if field == "count":  # keep the split's sum consistent: only the entry itself is wrong
+                train["count"] += value - train["shards"][1]["count"]
+            train["shards"][1][field] = value
+
+    edit_manifest(copy, tamper)
+    with pytest.raises(DataError) as e:
+        open_shards(str(copy))
+    one_line_error(e, str(copy / "manifest.json"), f"{where} is {value}", "re-create the shard set")
+
+
 def test_corrupt_first_header(copy: Path) -> None:
     path = copy / "train-000000.tar"
     blob = bytearray(path.read_bytes())

@@ -33,6 +33,20 @@ class UsageError(UserError):
     """Bad command-line flags or output location."""
 
 
+class JobFailure(Exception):
+    """The job cannot go on (disk full, storage gone, a rank lost, the run dir taken by another job): one line
+    naming what failed and why, exit ``EXIT_FAILED``; ``status.json`` records the same line."""
+
+
+def error_line(e: BaseException) -> str:
+    """An exception as one line: ``PATH: reason`` for OS errors, else ``Type: first line of the message``."""
+    if isinstance(e, OSError) and e.strerror:
+        where = f"{e.filename}: " if e.filename else ""
+        return f"{where}{e.strerror} (errno {e.errno})"
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that raises ``UsageError`` (one line, exit 2 through ``report``) instead of printing usage."""
 
@@ -89,10 +103,11 @@ def env_rank() -> int:
 
 
 def report(prog: str, error: BaseException) -> int:
-    """Print ``error`` as the command's one error line (rank 0 only: one line per job) and return 2."""
+    """Print ``error`` as the command's one error line (rank 0 only: one line per job); returns the exit
+    code: ``EXIT_FAILED`` for a ``JobFailure``, else ``EXIT_USAGE``."""
     if env_rank() == 0:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-    return EXIT_USAGE
+        print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
+    return EXIT_FAILED if isinstance(error, JobFailure) else EXIT_USAGE
 
 
 def setup_logging() -> logging.Logger:

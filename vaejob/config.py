@@ -92,6 +92,12 @@ class SamplesConfig:
 class RunConfig:
     dir: str = "runs/fashion_mnist"
     resume: str = "auto"  # auto | never | PATH to a checkpoint dir
+    # A rank that waits this long in a collective (all-reduce, barrier) fails the job instead of hanging:
+    # a hung or lost peer ends the job in minutes, not torch's 30. Long enough for rank 0's slowest solo
+    # work between two collectives (writing a checkpoint of a big model to slow shared storage).
+    collective_timeout_s: float = 600.0
+    # A run-dir lease whose heartbeat is older than this belongs to a dead job and is taken over.
+    lease_timeout_s: float = 120.0
 
 
 @dataclass
@@ -259,6 +265,9 @@ def validate(cfg: Config) -> None:
         )
     if not cfg.run.dir:
         raise ConfigError("config key 'run.dir' is empty; give the run a directory")
+    for key in ("collective_timeout_s", "lease_timeout_s"):
+        if not getattr(cfg.run, key) > 0:
+            raise ConfigError(f"config key 'run.{key}' must be > 0 seconds, got {getattr(cfg.run, key)}")
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

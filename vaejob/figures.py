@@ -318,6 +318,16 @@ def write_final_plots(
     return out
 
 
+def first_images(batches: Iterable[Mapping[str, Tensor]], n: int) -> Tensor:
+    """The first ``n`` valid images of ``batches`` as floats in [0, 1] (the fixed reconstruction images)."""
+    images: list[Tensor] = []
+    for batch in batches:
+        images.append(batch["image"][batch["valid"]])
+        if sum(len(i) for i in images) >= n:
+            break
+    return unit_float(torch.cat(images)[:n])
+
+
 class TrainingFigures:
     """Rank 0's figures of a training run: samples and reconstructions every ``sample_every`` steps, the
     final plots at the end; each also goes to W&B when ``wandb.log_images``."""

@@ -1,7 +1,7 @@
 """A run directory: where every file of a training run lives, its small state files, and which checkpoint a
 job resumes from.
 
-    RUN_DIR/config.yaml  metrics.jsonl  status.json  wandb_id.txt
+    RUN_DIR/config.yaml  metrics.jsonl  status.json  wandb_id.txt  lease.json
             checkpoints/step_XXXXXXXX/   samples/step_XXXXXXXX/   plots/   eval/   wandb/
 
 A checkpoint directory is complete once renamed into place with its ``trainer_state.json``
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,7 @@ class RunDir:
     wandb_id = _in_run("wandb_id.txt")  # the job's one W&B run id
     checkpoints = _in_run("checkpoints")
     eval = _in_run("eval")  # vaejob.evaluate's JSON and figures
+    lease = _in_run("lease.json")  # which job writes this run dir (vaejob.lease)
 
     def checkpoint(self, step: int) -> str:
         return os.path.join(self.checkpoints, step_dir_name(step))
@@ -59,25 +61,28 @@ class RunDir:
         found = self.list_checkpoints()
         return found[-1] if found else None
 
-    def resume_from(self, resume: str) -> str | None:
-        """The checkpoint ``run.resume`` (auto | never | PATH) asks for, or None for a fresh start."""
+    def resume_candidates(self, resume: str) -> list[str]:
+        """The checkpoints ``run.resume`` (auto | never | PATH) lets a job resume from, the one to try first
+        first: auto = every complete one, newest first; never = none (refused if there are some); PATH = it."""
         if resume == "never":
             if self.latest_checkpoint():
                 raise ConfigError(
                     f"run.resume=never but {self.path} already holds checkpoints; "
                     "use run.resume=auto to continue it or pick a new run.dir"
                 )
-            return None
+            return []
         if resume == "auto":
-            return self.latest_checkpoint()
+            return self.list_checkpoints()[::-1]
         if not os.path.isfile(os.path.join(resume, STATE_FILE)):
             raise ConfigError(
                 f"run.resume={resume!r} is not a complete checkpoint dir; use auto, never or a step_XXXXXXXX dir"
             )
-        return resume
+        return [resume]
 
-    def write_status(self, state: str, **fields: Any) -> None:
-        storage.atomic_write_json(self.status, {"state": state, **fields})
+    def write_status(self, state: str, step: int, max_steps: int, run_id: str, reason: str = "") -> None:
+        """running | completed | preempted | failed, where the job stands and (when it ended badly) why."""
+        status = {"state": state, "step": step, "max_steps": max_steps, "run_id": run_id, "time": time.time()}
+        storage.atomic_write_json(self.status, {**status, **({"reason": reason} if reason else {})})
 
     def read_status(self) -> dict[str, Any] | None:
         try:

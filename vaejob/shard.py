@@ -16,12 +16,26 @@ from typing import Any
 
 from vaejob.cli import ArgumentParser, UsageError, UserError, fraction, int_type, report
 from vaejob.shards.format import ENCODINGS, shard_name, write_manifest
-from vaejob.shards.outdir import check_out_dir, clear_out
+from vaejob.shards.outdir import check_out_dir, clear_out, discard
 from vaejob.shards.plan import DEFAULT_VAL_FRACTION, plan_shards, plan_splits
-from vaejob.shards.sources import SPEC_HELP, open_source, source_name
-from vaejob.shards.write import Settings, finalize, make_header, manifest_of, write_part, write_shards
+from vaejob.shards.sources import SPEC_HELP, Source, SourceError, open_source, source_name
+from vaejob.shards.write import (
+    Settings,
+    available_memory,
+    finalize,
+    make_header,
+    manifest_of,
+    pool_size,
+    require_train,
+    worker_memory,
+    write_part,
+    write_shards,
+)
 
 PROG = "vaejob.shard"
+# The largest --size: an 8192x8192x3 uint8 image is 201 MB and a writer process peaks near 10x that
+# (write.WORKER_BYTES_PER_IMAGE_BYTE); larger sides are no VAE training data, they only exhaust memory.
+MAX_SIZE = 8192
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", help=f"what to shard: {SPEC_HELP}")
     p.add_argument("--out", help="output directory (local; default shards/<source-name>)")
     p.add_argument(
-        "--size", type=int_type(1), help="output side in pixels (default: the source's native size)"
+        "--size",
+        type=int_type(1, MAX_SIZE),
+        help=f"output side in pixels, at most {MAX_SIZE} (default: the source's native size)",
     )
     p.add_argument("--channels", type=int, choices=(1, 3), help="1 (grey) or 3 (RGB); default: the source's")
     p.add_argument(
@@ -115,6 +131,41 @@ def _finalize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_splits(
+    args: argparse.Namespace, source: Source, settings: Settings, splits: dict[str, list[int]]
+) -> None:
+    """Refuse, before writing, a plan with no image at all or none to train on."""
+    if not any(splits.values()):
+        raise UsageError(f"source {args.source!r} holds no images: check the path or --limit")
+    if splits["train"]:
+        return
+    n_val = len(splits["val"])
+    if settings.val_fraction is not None:
+        cause = f"--val-fraction {settings.val_fraction} puts all {n_val} images of {args.source!r} in val"
+        fix = "lower --val-fraction (default 0.1)"
+    elif args.limit is not None and "train" in (source.official or []):
+        cause = f"--limit {args.limit} keeps none of the official train images of {args.source!r}"
+        fix = "raise --limit"
+    else:
+        cause = f"{args.source!r} has no official train images"
+        fix = f"pass --val-fraction F to split its {n_val} images by key hash"
+    raise UsageError(f"the train split would be empty: {cause}; {fix}")
+
+
+def _check_memory(size: int, workers: int, n_tasks: int) -> None:
+    """Refuse writer processes that do not fit in memory together: the kernel would kill one mid-run."""
+    free = available_memory()
+    per, procs = worker_memory(size), pool_size(workers, n_tasks)
+    if free is None or per * procs <= free:
+        return
+    fits = free // per
+    fix = f"pass --workers {fits} or a smaller --size" if fits else "pass a smaller --size"
+    raise UsageError(
+        f"--size {size} with --workers {workers} needs about {per * procs / 2**30:.1f} GiB ({procs} writer "
+        f"processes x {per / 2**30:.1f} GiB), more than the {free / 2**30:.1f} GiB available; {fix}"
+    )
+
+
 def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.finalize:
@@ -125,7 +176,7 @@ def _run(argv: list[str] | None) -> int:
     if task_mode and (args.task_index is None or args.num_tasks is None or args.task_index >= args.num_tasks):
         raise UsageError("--task-index I and --num-tasks T go together, with 0 <= I < T")
     out = args.out or os.path.join("shards", source_name(args.source))
-    check_out_dir(out, args.overwrite, task_mode)
+    created = check_out_dir(out, args.overwrite, task_mode)
 
     source = open_source(args.source, size=args.size, seed=args.seed, download_data=args.download)
     official = source.official is not None and args.val_fraction is None
@@ -143,12 +194,12 @@ def _run(argv: list[str] | None) -> int:
         jpeg_quality=args.jpeg_quality,
     )
     splits = plan_splits(source, settings.val_fraction, settings.seed, settings.limit)
-    if not any(splits.values()):
-        raise UsageError(f"source {args.source!r} holds no images: check the path or --limit")
+    _check_splits(args, source, settings, splits)
     tasks = plan_shards(splits, settings.shard_size)
     header = make_header(source, settings, tasks)
     if task_mode:
         tasks = [t for j, t in enumerate(tasks) if j % args.num_tasks == args.task_index]
+    _check_memory(settings.size, args.workers, len(tasks))
 
     # Everything is validated: from here on we write.
     own = (
@@ -170,6 +221,11 @@ def _run(argv: list[str] | None) -> int:
             "(run --finalize when all tasks are done)"
         )
         return 0
+    try:  # a task cannot tell (it sees only its shards): finalize checks the whole set
+        require_train(settings.source, results, "or point --source at other images")
+    except SourceError:
+        discard(out, [r["name"] for r in results if r["count"]], created)
+        raise
     manifest = manifest_of(header, results)
     write_manifest(out, manifest)
     print(_summary(manifest, out, rate))

@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 if __package__ in (None, ""):  # `python vaejob/train.py` / `accelerate launch vaejob/train.py`
@@ -25,34 +26,41 @@ if __package__ in (None, ""):  # `python vaejob/train.py` / `accelerate launch v
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 
 from vaejob import storage
 from vaejob.checkpoint import Checkpointer
 from vaejob.cli import (
+    EXIT_FAILED,
     EXIT_NONFINITE,
     EXIT_OK,
     EXIT_PREEMPTED,
     LOG_NAME,
     ArgumentParser,
+    JobFailure,
     UserError,
     env_rank,
+    error_line,
     report,
     setup_logging,
 )
 from vaejob.config import Config, load_config
-from vaejob.figures import TrainingFigures
+from vaejob.figures import TrainingFigures, first_images
+from vaejob.lease import Lease, RunDirLost, hold
 from vaejob.loader import Batch, ShardLoader, make_loader, unit_float
 from vaejob.loss import LossOut, beta_at, vae_loss
 from vaejob.metrics import Validator
 from vaejob.model import VAE, build_model
 from vaejob.optim import NonFiniteError, StepGuard, build_optimizer, lr_at, set_lr
-from vaejob.preempt import StopRequest
+from vaejob.preempt import ABORT, StopRequest
+from vaejob.ranks import CpuGroup, describe_rank, is_collective_failure, replica_digest
 from vaejob.rundir import RunDir
-from vaejob.shards import ShardSet, open_shards
+from vaejob.shards import DataError, ShardSet, open_shards
 from vaejob.tracking import Tracker, TrainLog, read_metrics, resolve_run_id
 
 PROG = "vaejob.train"
+
+
 log = logging.getLogger(LOG_NAME)
 
 
@@ -64,9 +72,17 @@ class Trainer:
             torch.set_num_threads(t.num_threads)
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
-        self.acc = Accelerator(mixed_precision=t.mixed_precision)
-        self.rank, self.world, self.device = self.acc.process_index, self.acc.num_processes, self.acc.device
         self.shards = shards or open_shards(cfg.data.shards, verify=cfg.data.verify)
+        if self.shards.split("val").count == 0:  # validation, samples and figures all read it
+            raise DataError(
+                f"the val split of {self.shards.root} is empty; re-create the shard set with --val-fraction > 0"
+            )
+        timeout = timedelta(seconds=cfg.run.collective_timeout_s)  # a hung peer fails the job, bounded
+        self.acc = Accelerator(
+            mixed_precision=t.mixed_precision, kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)]
+        )
+        self.rank, self.world, self.device = self.acc.process_index, self.acc.num_processes, self.acc.device
+        self.ranks = CpuGroup(self.world, timeout)
         self.image_shape = self.shards.image_shape
         self.run = RunDir(cfg.run.dir)
 
@@ -79,12 +95,15 @@ class Trainer:
             self.model = torch.compile(self.model)
         self.train_loader = self._loader("train")
         self.val_loader = self._loader("val")
-        self.checkpointer = Checkpointer(self.acc, self.run, t.checkpoint_every, t.keep_checkpoints)
+        self.checkpointer = Checkpointer(
+            self.acc, self.run, t.checkpoint_every, t.keep_checkpoints, self.ranks
+        )
         self.validator = Validator(
             self.acc, self.val_loader, cfg.loss, t.seed, t.eval_every, self.to_input, self.shards
         )
         self.guard = StepGuard(t, self.device, self.world)
-        self.stop = StopRequest(self.world, announce=self.acc.is_main_process)
+        self.stop = StopRequest(self.ranks, announce=self.acc.is_main_process)
+        self.lease = Lease(self.run.lease, cfg.run.lease_timeout_s) if self.acc.is_main_process else None
         self.step = 0
         self.run_id = ""
         self.last_val: dict[str, Any] | None = None
@@ -139,22 +158,41 @@ class Trainer:
 
     # -- the job --------------------------------------------------------------------------------------------
     def fit(self) -> int:
+        """The whole job: hold the run dir, resume, train, and say how it ended (status.json, exit code)."""
+        if self.lease is not None:
+            os.makedirs(self.cfg.run.dir, exist_ok=True)
+        hold(self.lease, self.ranks, lambda reason: self.stop.request(reason, ABORT))
+        try:
+            self.start()
+            with self.stop.installed():
+                code = self.loop()
+            if code == EXIT_OK:
+                self.check_replicas()
+        except NonFiniteError as e:
+            self.info(f"stopping: {e}; the last good checkpoint is {self.run.latest_checkpoint()}")
+            self.finish(EXIT_NONFINITE, str(e))
+            return EXIT_NONFINITE
+        except BaseException as e:
+            self.finish(EXIT_FAILED, self.failure_line(e), collective=False)  # a rank may be gone: no waiting
+            if isinstance(e, JobFailure | OSError) or is_collective_failure(e):
+                raise JobFailure(self.failure_line(e)) from e
+            raise
+        self.finish(code, self.stop.reason if code == EXIT_PREEMPTED else "")
+        return code
+
+    def start(self) -> None:
+        """Resume (or start fresh), then open the run's outputs: config, W&B id, tracker, log, figures."""
         cfg, main = self.cfg, self.acc.is_main_process
-        if main:
-            os.makedirs(cfg.run.dir, exist_ok=True)
-        self.acc.wait_for_everyone()
-        restored = self.checkpointer.restore(cfg.run.resume)  # (path, trainer state) or None
-        state = restored[1] if restored is not None else None
-        self.run_id = resolve_run_id(
-            self.run, (state or {}).get("wandb_run_id", ""), resumed=state is not None
-        )
+        restored = self.checkpointer.restore(cfg.run.resume, self.unwrapped)
+        state = restored[1] if restored is not None else {}
+        self.run_id = resolve_run_id(self.run, state.get("wandb_run_id", ""), resumed=bool(state))
         if main:
             storage.atomic_write_text(self.run.config, cfg.to_yaml())
             storage.atomic_write_text(self.run.wandb_id, self.run_id + "\n")
         self.tracker = Tracker(cfg, self.run_id, enabled=main, resume_step=state["step"] if state else None)
-        self.log = TrainLog(self.acc, self.tracker, cfg, state["step"] if state else 0)
+        self.log = TrainLog(self.acc, self.tracker, cfg, state.get("step", 0))
         if restored is not None:
-            self.load_state_dict(restored[1])
+            self.load_state_dict(state)
             self.info(f"resumed from {restored[0]} at step {self.step}")
         if main:
             self.write_status("running")
@@ -163,7 +201,9 @@ class Trainer:
             cfg.samples.root or cfg.run.dir,
             cfg.train.sample_every,
             self.tracker,
-            self.first_val_images(cfg.samples.recon) if main else None,
+            first_images(self._loader("val", rank=0, world_size=1, num_workers=0), cfg.samples.recon)
+            if main
+            else None,
             cfg.wandb.log_images,
             self.shards.label_names,
         )
@@ -172,22 +212,54 @@ class Trainer:
             f"x batch {cfg.train.batch_size}, {len(self.train_loader)} steps/epoch, "
             f"step {self.step} -> {cfg.train.max_steps}, run dir {cfg.run.dir}"
         )
-        try:
-            with self.stop.installed():
-                code = self.loop()
-        except NonFiniteError as e:
-            self.info(f"stopping: {e}; the last good checkpoint is {self.run.latest_checkpoint()}")
-            code = EXIT_NONFINITE
-        finally:
-            self.log.close()
-            self.train_loader.close()  # the loader worker processes (kept across epochs)
-            self.val_loader.close()
-        if main:
-            self.write_status({EXIT_OK: "completed", EXIT_PREEMPTED: "preempted"}.get(code, "failed"))
-        self.tracker.finish(exit_code=0 if code in (EXIT_OK, EXIT_PREEMPTED) else code)
-        self.acc.wait_for_everyone()
-        self.acc.end_training()
-        return code
+        log.info(
+            f"{describe_rank(self.rank, self.world)}: {len(self.train_loader)} batches per epoch"
+        )  # every rank: its own line
+
+    def finish(self, code: int, reason: str, collective: bool = True) -> None:
+        """Close everything, record how the job ended (rank 0), give the run dir back. After a failure that
+        may have left a rank behind (``collective=False``) nothing waits for the other ranks."""
+        for close in (getattr(self, "log", None), self.train_loader, self.val_loader):
+            if close is not None:
+                close.close()  # the progress bar; the loader worker processes (kept across epochs)
+        lost = self.stop.level == ABORT
+        if self.acc.is_main_process and not lost:  # a job that lost its run dir must not write into it
+            state = {EXIT_OK: "completed", EXIT_PREEMPTED: "preempted"}.get(code, "failed")
+            try:
+                self.write_status(state, reason)
+            except OSError as e:
+                log.warning(f"cannot write {self.run.status}: {error_line(e)}")
+        tracker = getattr(self, "tracker", None)
+        if tracker is not None:
+            tracker.finish(exit_code=0 if code in (EXIT_OK, EXIT_PREEMPTED) else code)
+        if self.lease is not None and not lost:
+            self.lease.release()
+        if collective:
+            self.acc.wait_for_everyone()
+            self.acc.end_training()
+
+    def failure_line(self, e: BaseException) -> str:
+        last = self.run.latest_checkpoint()
+        keep = f"; the last complete checkpoint is {last}" if last else ""
+        if isinstance(e, RunDirLost):
+            return f"stopped writing {self.cfg.run.dir}: {e}"
+        if isinstance(e, JobFailure):
+            return f"{e}{keep}"
+        if is_collective_failure(e):
+            return f"lost contact with another rank ({error_line(e)[:300]}){keep}"
+        return f"{error_line(e)}{keep}"
+
+    def check_replicas(self) -> None:
+        """Collective: DDP keeps every rank's weights identical; each rank says so, and the job fails if not."""
+        digest = replica_digest(self.unwrapped)
+        log.info(
+            f"{describe_rank(self.rank, self.world)}: finished at step {self.step}, weights sha256 {digest}"
+        )
+        digests = self.ranks.gather(digest)
+        if len(set(digests)) > 1:
+            raise JobFailure(
+                f"the ranks' weights differ at the end (sha256 {digests}): DDP replicas diverged"
+            )
 
     def loop(self) -> int:
         max_steps = self.cfg.train.max_steps
@@ -214,10 +286,15 @@ class Trainer:
                 with self.acc.autocast():
                     self.figures.write_samples(self.unwrapped, self.step, self.device)
             stop = self.stop.agreed()
+            if stop == ABORT:
+                raise RunDirLost(self.stop.reason or "another rank lost the run dir")
             if self.checkpointer.due(self.step) or final or stop:
                 self.save_checkpoint()
             if stop and not final:
-                self.info(f"checkpointed at step {self.step} after a stop signal; exiting {EXIT_PREEMPTED}")
+                where = describe_rank(self.rank, self.world)
+                log.info(
+                    f"{where}: checkpointed at step {self.step} after a stop signal; exiting {EXIT_PREEMPTED}"
+                )
                 return EXIT_PREEMPTED
         if self.acc.is_main_process and self.cfg.samples.final_plots:
             self.write_final_plots()
@@ -266,17 +343,8 @@ class Trainer:
         path = self.checkpointer.save(self.step, self.state_dict())
         self.info(f"checkpoint {path}")
 
-    def write_status(self, state: str) -> None:
-        self.run.write_status(state, step=self.step, max_steps=self.cfg.train.max_steps, run_id=self.run_id)
-
-    def first_val_images(self, n: int) -> torch.Tensor:
-        """The fixed val images shown over their reconstructions at every sample step."""
-        images = []
-        for batch in self._loader("val", rank=0, world_size=1, num_workers=0):
-            images.append(batch["image"][batch["valid"]])
-            if sum(len(i) for i in images) >= n:
-                break
-        return unit_float(torch.cat(images)[:n])
+    def write_status(self, state: str, reason: str = "") -> None:
+        self.run.write_status(state, self.step, self.cfg.train.max_steps, self.run_id, reason)
 
     def write_final_plots(self) -> None:
         self.figures.write_final(
@@ -322,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         shards = open_shards(cfg.data.shards, verify=cfg.data.verify)  # fail fast, before models start
         summary = run(cfg, shards)
-    except UserError as e:
+    except (UserError, JobFailure) as e:
         return report(PROG, e)
     if summary["exit_code"] == EXIT_OK and summary["val"] and env_rank() == 0:
         v = summary["val"]

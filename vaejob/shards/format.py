@@ -125,6 +125,14 @@ def parse_manifest(root: str, manifest: Any) -> ShardSet:
     """Check a loaded ``manifest.json`` (no I/O); raise ``DataError`` naming the problem and the fix."""
     mpath = storage.join(root, MANIFEST)
     fix = f"re-create the shard set with {SHARD_CMD} {root}"
+
+    def integer(value: Any, where: str, minimum: int, why: str = "") -> int:
+        # JSON integers only (int() takes "12", 12.7 and true), bounded: a negative count or size would
+        # pass every later check while the sums still add up.
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise DataError(f"{mpath}: {where} is {value!r}, expected an integer >= {minimum}{why}; {fix}")
+        return value
+
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         fmt = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise DataError(f"{mpath}: unknown manifest format {fmt!r} (this vaejob reads {FORMAT!r}); {fix}")
@@ -133,21 +141,23 @@ def parse_manifest(root: str, manifest: Any) -> ShardSet:
         shape = (int(image["channels"]), int(image["height"]), int(image["width"]))
         encoding = str(manifest["encoding"])
         labels = manifest.get("labels")
-        num_classes = int(labels["num_classes"]) if labels else 0
+        num_classes = integer(labels["num_classes"], "labels.num_classes", 0) if labels else 0
         splits: dict[str, SplitShards] = {}
         for name, split in manifest["splits"].items():
             shards = split["shards"]
-            for s in shards:
+            counts = []
+            for k, s in enumerate(shards):
                 if not _SHARD_FILE.match(str(s["name"])):
                     raise DataError(f"{mpath}: bad shard name {s['name']!r}; {fix}")
-                int(s["bytes"])
-            counts = tuple(int(s["count"]) for s in shards)
-            if sum(counts) != int(split["count"]):
+                where = f"splits.{name}.shards[{k}]"
+                integer(s["bytes"], f"{where}.bytes", 0)
+                counts.append(integer(s["count"], f"{where}.count", 1, " (no writer lists an empty shard)"))
+            if sum(counts) != integer(split["count"], f"splits.{name}.count", 0):
                 raise DataError(
                     f"{mpath}: split {name!r} count {split['count']} != sum of its shard counts "
                     f"{sum(counts)} (manifest edited or damaged); {fix}"
                 )
-            splits[name] = SplitShards(tuple(storage.join(root, s["name"]) for s in shards), counts)
+            splits[name] = SplitShards(tuple(storage.join(root, s["name"]) for s in shards), tuple(counts))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise DataError(f"{mpath}: malformed manifest ({type(e).__name__}: {e}); {fix}") from None
     if encoding not in ENCODINGS or shape[0] not in CHANNEL_MODES or min(shape) < 1:

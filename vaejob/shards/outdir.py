@@ -24,17 +24,36 @@ def _is_ours(out: str, entry: str) -> bool:
     )
 
 
-def check_out_dir(out: str, overwrite: bool, task_mode: bool) -> None:
-    """Refuse (before anything is written) an output directory we must not write into."""
+def _missing_dirs(out: str) -> list[str]:
+    """The directories writing into ``out`` creates, outermost first; refuse when the nearest existing
+    ancestor (or ``out`` itself) is not a directory we may create entries in, so ``makedirs`` cannot fail."""
+    missing: list[str] = []
+    path = out.rstrip(os.sep) or os.sep  # "file/" would fail lstat with ENOTDIR and look missing
+    while not os.path.lexists(path):  # lexists: a dangling symlink is in the way, not missing
+        missing.append(path)
+        parent = os.path.dirname(path) or os.curdir
+        if parent == path:
+            break
+        path = parent
+    if not os.path.isdir(path):
+        where = f"{out!r} cannot be created: {path!r} is" if missing else f"{out!r} is"
+        raise UsageError(f"--out {where} not a directory; choose another --out")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out!r}: no permission to create files in {path!r}; choose another --out")
+    return missing[::-1]
+
+
+def check_out_dir(out: str, overwrite: bool, task_mode: bool) -> list[str]:
+    """Refuse (before anything is written) an output directory we must not write into; returns the
+    directories the run will create (for ``discard``)."""
     if storage.is_url(out):
         raise UsageError(
             f"--out {out!r}: sharding writes to a local directory; copy the finished set to storage afterwards"
         )
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UsageError(f"--out {out!r} is a file, not a directory: choose another --out")
-    entries = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    created = _missing_dirs(out)
+    entries = [] if created else sorted(os.listdir(out))
     if not entries:
-        return
+        return created
     foreign = [e for e in entries if not _is_ours(out, e)]
     if task_mode:
         # Other array tasks write into the same directory: only foreign files or a finished set stop us.
@@ -46,7 +65,7 @@ def check_out_dir(out: str, overwrite: bool, task_mode: bool) -> None:
             raise UsageError(
                 f"--out {out!r} already holds a complete shard set: pass --overwrite, or choose another --out"
             )
-        return
+        return created
     if not overwrite:
         raise UsageError(
             f"--out {out!r} is not empty: pass --overwrite to replace its shard set, or choose another --out"
@@ -56,6 +75,7 @@ def check_out_dir(out: str, overwrite: bool, task_mode: bool) -> None:
             f"--out {out!r} holds files vaejob.shard did not write ({foreign[0]!r}): refusing to --overwrite, "
             "choose another --out"
         )
+    return created
 
 
 def clear_out(out: str, own: list[str] | None, task_index: int | None) -> None:
@@ -82,3 +102,16 @@ def remove_stale_shards(out: str, keep: set[str]) -> None:
     for entry in os.listdir(out):
         if (_SHARD_RE.fullmatch(entry) and entry not in keep) or entry.endswith(".tmp"):
             os.unlink(os.path.join(out, entry))
+
+
+def discard(out: str, names: list[str], created: list[str]) -> None:
+    """Undo a run refused after writing: its shards, then the directories it created (innermost first)."""
+    for name in names:
+        path = os.path.join(out, name)
+        if os.path.exists(path):
+            os.unlink(path)
+    for d in reversed(created):
+        try:
+            os.rmdir(d)
+        except OSError:  # not empty: something else is in it now, keep it
+            break

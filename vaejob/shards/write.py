@@ -24,10 +24,14 @@ from vaejob.shards import outdir
 from vaejob.shards.codec import encode_image
 from vaejob.shards.format import PARTS, build_manifest, shard_name, write_manifest
 from vaejob.shards.plan import SPLITS, ShardTask
-from vaejob.shards.sources import Source, fit
+from vaejob.shards.sources import Source, SourceError, fit
 from vaejob.shards.tar import TarWriter
 
 PART_FORMAT = "vaejob-shard-part/1"
+# Peak memory of a writer process per byte of one output image, measured: synthetic renders a 2x
+# supersampled float32 mask (2.0 GB at --size 8192, 10x its 201 MB image); an image folder decodes and
+# resizes (1.2 GB, 6x).
+WORKER_BYTES_PER_IMAGE_BYTE = 10
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,8 @@ def _write_shard(task: ShardTask) -> dict[str, Any]:
             try:
                 arr, label, factors = source.load(i)
                 data = encode_image(fit(arr, st.size, st.channels), st.format, st.jpeg_quality)
+            except MemoryError:
+                raise  # not the image's fault: skipping it would make the set depend on free memory
             except Exception as e:
                 skipped.append({"path": source.where(i), "reason": one_line(e)})
             else:
@@ -131,6 +137,28 @@ def _write_shard(task: ShardTask) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------- the pool
+def pool_size(workers: int, n_tasks: int) -> int:
+    """Writer processes for ``n_tasks`` shards (1: written in this process)."""
+    return 1 if workers <= 1 or n_tasks <= 1 else min(workers, n_tasks)
+
+
+def worker_memory(size: int) -> int:
+    """Estimated peak bytes of one writer process at output side ``size`` (sources load RGB at most)."""
+    return WORKER_BYTES_PER_IMAGE_BYTE * size * size * 3
+
+
+def available_memory() -> int | None:
+    """``MemAvailable`` of ``/proc/meminfo`` in bytes; None where the system does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def write_shards(
     source: Source, settings: Settings, out: str, tasks: list[ShardTask], workers: int
 ) -> list[dict[str, Any]]:
@@ -143,15 +171,14 @@ def write_shards(
     bar = tqdm(total=total, unit="img", unit_scale=True, desc="vaejob.shard", disable=None, smoothing=0.1)
     done = False
     try:
-        if workers <= 1 or len(tasks) <= 1:
+        n_procs = pool_size(workers, len(tasks))
+        if n_procs == 1:
             _init_worker(source, settings, out, _BarCounter(bar))
             results = [_write_shard(t) for t in tasks]
         else:
             value = mp.Value("q", 0)
             initargs = (source, settings, out, value)
-            with ProcessPoolExecutor(
-                min(workers, len(tasks)), initializer=_init_worker, initargs=initargs
-            ) as ex:
+            with ProcessPoolExecutor(n_procs, initializer=_init_worker, initargs=initargs) as ex:
                 futures = [ex.submit(_write_shard, t) for t in tasks]
                 try:
                     pending = futures
@@ -175,6 +202,27 @@ def write_shards(
                 tmp = os.path.join(out, shard_name(split, index) + ".tmp")
                 if os.path.exists(tmp):
                     os.unlink(tmp)
+
+
+def require_train(source: str, results: list[dict[str, Any]], fix: str) -> None:
+    """Raise `SourceError` when the written shards hold no train image; ``fix`` ends the message.
+
+    Planning refuses an empty train split, so an empty one here means every train image was unreadable.
+    An empty val split stays legal: ``--val-fraction 0`` asks for one, a small source may hash none into
+    val, and the skipped images are listed in the manifest either way.
+    """
+    train = [r for r in results if r["split"] == "train"]
+    if any(r["count"] for r in train):
+        return
+    everything = not any(r["count"] for r in results)
+    scope = sorted(results if everything else train, key=lambda r: (SPLITS.index(r["split"]), r["index"]))
+    skipped = [s for r in scope for s in r["skipped"]]
+    first = f" (first: {skipped[0]['path']!r}: {skipped[0]['reason']})" if skipped else ""
+    what = "images" if everything else "train images"
+    empty = "" if everything else ", so the train split would be empty"
+    raise SourceError(
+        f"all {len(skipped)} {what} of {source!r} were unreadable{first}{empty}; fix or remove them, {fix}"
+    )
 
 
 # ------------------------------------------------------------------------------------------- manifest
@@ -253,6 +301,7 @@ def finalize(out: str) -> dict[str, Any]:
                     f"--finalize: no result for {shard_name(split, index)}: re-run task {ordinal % num_tasks}"
                 )
             ordinal += 1
+    require_train(header["source"], results, "then re-run every task and --finalize")
     manifest = manifest_of(header, results)
     names = set()
     for split in SPLITS:
