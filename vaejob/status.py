@@ -17,7 +17,6 @@ import re
 import shlex
 import sys
 import time
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from vaejob.cli import ArgumentParser, UsageError, UserError, report
@@ -26,7 +25,6 @@ from vaejob.lease import describe, holder_gone, read_lease
 from vaejob.rundir import RunDir
 
 PROG = "vaejob.status"
-GROUPED_SYNC = (0, 28, 1)  # wandb sync groups one run's segments and appends them in start order from here
 _SEGMENT = re.compile(r"^offline-run-(\d{8}_\d{6})-([a-z0-9]+)$")
 
 
@@ -70,19 +68,12 @@ def wandb_segments(run: RunDir, run_id: str) -> list[str]:
     return [path for _, path in sorted(found)]
 
 
-def wandb_sync_command(segments: list[str], wandb_version: tuple[int, ...]) -> str:
-    """The shell command that uploads ``segments`` into one W&B run, for this wandb version."""
-    if wandb_version >= GROUPED_SYNC:
-        return shlex.join(["wandb", "sync", *segments])  # grouped by run id, synced in start order, appended
-    # Older wandb: a second dir with the same id replaces the first unless synced with --append, in order.
-    return " && ".join(shlex.join(["wandb", "sync", "--append", s]) for s in segments)
-
-
-def _wandb_version() -> tuple[int, ...]:
-    try:
-        return tuple(int(p) for p in re.findall(r"\d+", version("wandb"))[:3])
-    except PackageNotFoundError:
-        return GROUPED_SYNC
+def wandb_sync_command(segments: list[str]) -> str:
+    """The shell command that uploads ``segments`` into one W&B run. wandb >= 0.28.1 (the version vaejob
+    requires) groups the files it is given by run id and syncs one run's files one after another in start
+    order, each appending to the run (`wandb sync --help`); older versions replaced the run's history with the
+    later segment unless synced with --append (wandb issues #3841, #5865)."""
+    return shlex.join(["wandb", "sync", *segments])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise UsageError(
                     f"{run.path} holds no offline W&B run {status.get('run_id')}: nothing to sync"
                 )
-            print(wandb_sync_command(segments, _wandb_version()))
+            print(wandb_sync_command(segments))
         elif args.json:
             print(json.dumps({**status, "checked": time.time()}, indent=2, sort_keys=True))
         else:
