@@ -4,7 +4,7 @@
 #   bash slurm/ci-up.sh              one node, "localhost", everything on 127.0.0.1
 #   bash slurm/ci-up.sh --nodes 2    two nodes, vaejob-n1 and vaejob-n2, each slurmd in its own network and
 #                                    UTS namespace (own address, own hostname) on a bridge this script makes
-#   bash slurm/ci-up.sh stop         stop the daemons; remove the namespaces, links and host entries it made
+#   bash slurm/ci-up.sh stop         stop its daemons (munged too); remove the namespaces, links, host entries
 # Safe to re-run (switching between 1 and 2 nodes restarts the daemons). Prints one line. Exit 0: up;
 # 3: this machine cannot host it (not root, no apt, packages unavailable, a slurm.conf this script did not
 # write, or its private network is taken); 1: anything else (see the logs under $SLURM_CI_DIR/log).
@@ -70,6 +70,7 @@ case "${1:-}" in
     stop_slurm
     stop_pid "$B/state/slurmdbd.pid"
     stop_pid "$B/dbrun/mysqld.pid"
+    stop_pid /run/munge/munged.pid
     remove_network
     echo "slurm: stopped"
     exit 0
