@@ -72,7 +72,7 @@ def seed_loop(shards: str, seed: int, epochs: int, events_path: str) -> None:
 
     train, val = split("train"), split("val")
     torch.manual_seed(seed)
-    model = build_model(cfg.model, tuple(train.shape[1:]))
+    model = build_model(cfg.model, cfg.loss, tuple(train.shape[1:]))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     bs = 128
     steps = len(train) // bs  # the partial last batch is dropped, as in fashion_mnist_keras.yaml
@@ -84,7 +84,7 @@ def seed_loop(shards: str, seed: int, epochs: int, events_path: str) -> None:
             for i in range(steps):
                 x = train[order[i * bs : (i + 1) * bs]]
                 logits, mu, logvar = model(x)
-                loss = vae_loss(logits, x, mu, logvar, cfg.loss, 1.0).loss
+                loss = vae_loss(model.likelihood, logits, x, mu, logvar, cfg.loss, 1.0).loss
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -98,7 +98,10 @@ def seed_loop(shards: str, seed: int, epochs: int, events_path: str) -> None:
                     mu, logvar, h = model.encode_hidden(x)
                     z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=gen)
                     total += (
-                        vae_loss(model.decode(z), x, mu, logvar, cfg.loss, 1.0).nelbo.double().sum().item()
+                        vae_loss(model.likelihood, model.decode(z), x, mu, logvar, cfg.loss, 1.0)
+                        .nelbo.double()
+                        .sum()
+                        .item()
                     )
                     mus.append(mu)
                     hmax = h.amax(0)

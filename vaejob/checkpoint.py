@@ -29,7 +29,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import load as accelerate_load
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from vaejob import storage
 from vaejob.cli import LOG_NAME, JobFailure, UserError, error_line
@@ -40,6 +40,7 @@ from vaejob.rundir import STATE_FILE, RunDir, step_dir_name
 from vaejob.shards import DataError, open_shards
 
 WEIGHTS_FILE = "model.safetensors"
+EMA_FILE = "ema.safetensors"  # the averaged weights (vaejob.ema), when train.ema_decay > 0
 MANIFEST_FILE = "checkpoint.json"
 MANIFEST_FORMAT = "vaejob-checkpoint/1"
 CORRUPT_DIR = "corrupt"
@@ -187,9 +188,12 @@ class Checkpointer:
     def due(self, step: int) -> bool:
         return step % self.every == 0
 
-    def save(self, step: int, state: dict[str, Any]) -> str:
-        """Collective: every rank must call it at the same step. Raises ``CheckpointWriteError`` on every rank
-        when any rank's part fails; the temp dir is removed and the previous checkpoints are untouched."""
+    def save(
+        self, step: int, state: dict[str, Any], tensors: dict[str, dict[str, torch.Tensor]] | None = None
+    ) -> str:
+        """Collective: every rank must call it at the same step; ``tensors`` (rank 0's) become
+        ``NAME.safetensors`` files beside the weights. Raises ``CheckpointWriteError`` on every rank when any
+        rank's part fails; the temp dir is removed and the previous checkpoints are untouched."""
         acc, run, main = self.acc, self.run, self.acc.is_main_process
         final = run.checkpoint(step)
         tmp = os.path.join(run.checkpoints, f".tmp-{step_dir_name(step)}")
@@ -199,6 +203,8 @@ class Checkpointer:
             os.makedirs(tmp)
 
         def publish() -> None:
+            for name, values in (tensors or {}).items():
+                save_file(values, os.path.join(tmp, f"{name}.safetensors"))
             storage.atomic_write_json(os.path.join(tmp, STATE_FILE), {**state, "step": step})
             write_manifest(tmp, step)
             time.sleep(float(os.environ.get(TEST_DELAY_ENV, "0")))
@@ -280,12 +286,17 @@ class LoadedRun(NamedTuple):
     cfg: Config  # run.dir set to the run dir given, so a moved run dir still works
     step: int
     checkpoint: str
+    weights: str  # "ema" or "raw": which of the checkpoint's weights the model holds
 
 
 def load_model(
-    run_dir: str, checkpoint: str | None = None, image_shape: tuple[int, int, int] | None = None
+    run_dir: str,
+    checkpoint: str | None = None,
+    image_shape: tuple[int, int, int] | None = None,
+    weights: str = "auto",
 ) -> LoadedRun:
     """The model of a run (``checkpoint`` or its newest complete one), its config, step and checkpoint dir.
+    ``weights``: ``ema`` (the averaged weights), ``raw`` (the optimizer's), ``auto`` = ema when it has them.
 
     ``image_shape`` defaults to the run's training shard set (only its manifest and shard heads are read).
     Raises ``CheckpointError`` for a missing run dir or checkpoint, an unreadable config, or weights that do
@@ -308,8 +319,14 @@ def load_model(
         raise CheckpointError(
             f"no complete checkpoint in {run.checkpoints}; train longer or pass --checkpoint"
         )
-    weights = os.path.join(path, WEIGHTS_FILE)
-    if not os.path.isfile(os.path.join(path, STATE_FILE)) or not os.path.isfile(weights):
+    ema_file = os.path.join(path, EMA_FILE)
+    if weights == "ema" and not os.path.isfile(ema_file):
+        raise CheckpointError(
+            f"{path} holds no EMA weights (trained with train.ema_decay=0); use --weights raw"
+        )
+    chosen = "ema" if weights == "ema" or (weights == "auto" and os.path.isfile(ema_file)) else "raw"
+    weights_path = ema_file if chosen == "ema" else os.path.join(path, WEIGHTS_FILE)
+    if not os.path.isfile(os.path.join(path, STATE_FILE)) or not os.path.isfile(weights_path):
         raise CheckpointError(
             f"{path} is not a complete vaejob checkpoint (needs {STATE_FILE} and {WEIGHTS_FILE})"
         )
@@ -325,16 +342,16 @@ def load_model(
         except DataError as e:
             raise CheckpointError(f"cannot read the run's image shape from data.shards: {e}") from None
     try:
-        model = build_model(cfg.model, image_shape)
-        state = {_strip_wrappers(k): v for k, v in load_file(weights).items()}
+        model = build_model(cfg.model, cfg.loss, image_shape)
+        state = {_strip_wrappers(k): v for k, v in load_file(weights_path).items()}
         model.load_state_dict(state, strict=True)
     except (ValueError, RuntimeError, SafetensorError, OSError) as e:
         detail = " ".join(str(e).split())[:300]
         raise CheckpointError(
-            f"{weights} does not fit {run.config} and images {image_shape} ({detail}); "
+            f"{weights_path} does not fit {run.config} and images {image_shape} ({detail}); "
             "pass the run dir the checkpoint came from"
         ) from None
-    return LoadedRun(model.eval(), cfg, int(read_state(path)["step"]), path)
+    return LoadedRun(model.eval(), cfg, int(read_state(path)["step"]), path, chosen)
 
 
 def _strip_wrappers(key: str) -> str:

@@ -94,6 +94,12 @@ def run_parser(prog: str, description: str, example: str) -> ArgumentParser:
     p = ArgumentParser(prog=prog, description=description, epilog=f"Example: {example}")
     p.add_argument("--run", required=True, help="the training run dir (holds config.yaml and checkpoints/)")
     p.add_argument("--checkpoint", help="a checkpoint dir (default: the run's newest complete one)")
+    p.add_argument(
+        "--weights",
+        choices=("auto", "ema", "raw"),
+        default="auto",
+        help="the checkpoint's averaged (ema) or optimizer (raw) weights; auto = ema when it has them",
+    )
     return p
 
 

@@ -45,8 +45,15 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    likelihood: Literal["bernoulli", "gaussian"] = "bernoulli"
+    # bernoulli: BCE (the notebooks'); gaussian: fixed σ, reported discretized; discretized_*: over 256 levels
+    likelihood: Literal["bernoulli", "gaussian", "discretized_gaussian", "discretized_logistic_mixture"] = (
+        "bernoulli"
+    )
     gaussian_std: float = 0.1  # fixed decoder std for the gaussian likelihood (pixels in [0,1])
+    scale: Literal["channel", "pixel"] = (
+        "channel"  # discretized_gaussian: a learned scale per channel or pixel
+    )
+    mixtures: int = 10  # discretized_logistic_mixture: components per pixel (PixelCNN++ and NVAE use 10)
     beta: float = 1.0
     beta_warmup_steps: int = 0  # beta ramps linearly from 0 over these steps
     free_bits: float = 0.0  # nats per latent dim below which KL is not penalised (Kingma et al. 2016)
@@ -77,6 +84,20 @@ class TrainConfig:
     max_skipped_steps: int = 100  # with on_nonfinite=skip, stop after this many skipped steps
     deterministic: bool = False  # torch.use_deterministic_algorithms (CPU runs are deterministic anyway)
     progress: bool = True  # tqdm bar on rank 0
+    # Evaluation, samples and the checkpoint's ema.safetensors use an exponential moving average of the
+    # weights with this decay (0 = off; vaejob.ema has the warm-up).
+    ema_decay: float = 0.0
+    fid_every: int = 0  # FID (and KID) of the weights every this many steps, see the fid section; 0 = off
+
+
+@dataclass
+class FidConfig:
+    samples: int = 2000  # generated images per FID during training (vaejob.evaluate --fid N sets its own)
+    real: int = 0  # real val images compared (0 = all of them); their statistics are cached
+    network: Literal["pytorch-fid", "fid-helper"] = "pytorch-fid"  # where the Inception weights come from
+    weights: str = ""  # pytorch-fid's pt_inception-2015-12-05-6726825d.pth on a cluster without internet
+    cache: str = ""  # real-image statistics; "" = ~/.cache/vaejob/fid
+    batch_size: int = 64
 
 
 @dataclass
@@ -118,6 +139,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    fid: FidConfig = field(default_factory=FidConfig)
     samples: SamplesConfig = field(default_factory=SamplesConfig)
     run: RunConfig = field(default_factory=RunConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -234,6 +256,9 @@ def validate(cfg: Config) -> None:
         "train.keep_checkpoints": t.keep_checkpoints,
         "model.latent_dim": m.latent_dim,
         "model.kernel_size": m.kernel_size,
+        "loss.mixtures": cfg.loss.mixtures,
+        "fid.samples": cfg.fid.samples,
+        "fid.batch_size": cfg.fid.batch_size,
         "samples.num": cfg.samples.num,
     }
     for key, value in positive.items():
@@ -255,6 +280,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config keys model.channels/hidden_sizes/hidden_dim must be positive")
     if cfg.loss.beta < 0 or cfg.loss.free_bits < 0 or cfg.loss.beta_warmup_steps < 0:
         raise ConfigError("config keys loss.beta/free_bits/beta_warmup_steps must be >= 0")
+    if not 0 <= t.ema_decay < 1:
+        raise ConfigError(f"config key 'train.ema_decay' must be in [0, 1), e.g. 0.999, got {t.ema_decay}")
+    if t.fid_every < 0 or cfg.fid.real < 0:
+        raise ConfigError("config keys train.fid_every and fid.real must be >= 0 (0 = off / all)")
     if not cfg.loss.gaussian_std > 0:
         raise ConfigError(f"config key 'loss.gaussian_std' must be > 0, got {cfg.loss.gaussian_std}")
     if cfg.data.num_workers < 0:

@@ -39,9 +39,11 @@ from vaejob.cli import (
     setup_logging,
 )
 from vaejob.config import Config
+from vaejob.fid import NETWORKS, FidEvaluator, fid_settings
 from vaejob.loader import Batch, make_loader
 from vaejob.metrics import IW_CHUNK, KeyedNoise, elbo_pass, iw_log_px
 from vaejob.model import VAE
+from vaejob.ranks import CpuGroup
 from vaejob.rundir import RunDir, step_dir_name
 from vaejob.shards import ShardSet, open_shards
 from vaejob.tracking import attach
@@ -93,7 +95,7 @@ def evaluate(
     def nll(model: VAE, x: Tensor) -> Tensor:
         gens = noise.generators  # each image's noise stream continues after its one-sample z
         parts = [
-            iw_log_px(model, x[i : i + rows], cfg.loss, k, generators=gens[i : i + rows])
+            iw_log_px(model, x[i : i + rows], k, generators=gens[i : i + rows])
             for i in range(0, len(x), rows)
         ]
         return -torch.cat(parts)
@@ -109,7 +111,8 @@ def evaluate(
             nll=nll,
             on_images=keep_first,
         )
-    return sums.result(model.image_shape, shards.label_names), torch.stack(first) if first else torch.zeros(0)
+    metrics = sums.result(model.image_shape, shards.label_names, model.likelihood.discrete)
+    return metrics, torch.stack(first) if first else torch.zeros(0)
 
 
 def _progress(acc: Accelerator, loader: Any, desc: str) -> Iterator[Batch]:
@@ -160,6 +163,19 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"images decoded per pass of the NLL bound, bounds memory (default {DEFAULT_IW_BATCH})",
     )
     p.add_argument("--seed", type=int_type(0), default=0, help="noise seed (default 0)")
+    p.add_argument(
+        "--fid", type=int_type(0), default=0, help="FID and KID of N generated samples (default 0: off)"
+    )
+    p.add_argument(
+        "--fid-real", type=int_type(1), help="real images FID compares with (default: the whole split)"
+    )
+    p.add_argument(
+        "--fid-network", choices=NETWORKS, help="Inception weights' source (default: the run's fid.network)"
+    )
+    p.add_argument("--fid-weights", help="pt_inception-2015-12-05-6726825d.pth for clusters without internet")
+    p.add_argument(
+        "--fid-cache", help="real-image statistics cache (default: the run's fid.cache, ~/.cache/vaejob/fid)"
+    )
     return p
 
 
@@ -167,12 +183,14 @@ def _prepare(args: argparse.Namespace) -> tuple[VAE, Config, int, str, ShardSet]
     """Everything that can fail on user input, before any process group or device work."""
     eval_shards = open_shards(args.shards) if args.shards else None
     try:
-        model, cfg, step, ckpt = load_model(args.run, args.checkpoint)
+        model, cfg, step, ckpt, weights = load_model(args.run, args.checkpoint, weights=args.weights)
     except UserError:
         if eval_shards is None:
             raise
         # The training shards may be gone: the strict weight load still catches most size mismatches.
-        model, cfg, step, ckpt = load_model(args.run, args.checkpoint, eval_shards.image_shape)
+        model, cfg, step, ckpt, weights = load_model(
+            args.run, args.checkpoint, eval_shards.image_shape, args.weights
+        )
     shards = eval_shards or open_shards(cfg.data.shards)
     if shards.image_shape != model.image_shape:
         c, h, w = shards.image_shape
@@ -188,7 +206,30 @@ def _prepare(args: argparse.Namespace) -> tuple[VAE, Config, int, str, ShardSet]
         raise UsageError(
             f"this shard set ({shards.root}) has splits {names}; use --split val or --shards DIR"
         )
+    args.weights = weights  # the ones loaded
     return model, cfg, step, ckpt, shards
+
+
+def fid_metrics(
+    acc: Accelerator, args: argparse.Namespace, cfg: Config, model: VAE, shards: ShardSet
+) -> dict[str, Any]:
+    """Collective: FID/KID of ``--fid`` samples against the split's real images, with the time it took."""
+    start = time.perf_counter()
+    settings = fid_settings(cfg.fid)
+    settings.update(
+        {
+            k: v
+            for k, v in (
+                ("network", args.fid_network),
+                ("weights", args.fid_weights),
+                ("cache_dir", args.fid_cache),
+            )
+            if v
+        }
+    )
+    fid = FidEvaluator(acc, CpuGroup(acc.num_processes), **settings)
+    record = fid.evaluate(model, shards, args.split, args.fid, args.fid_real, seed=args.seed)
+    return {**record, "fid_seconds": time.perf_counter() - start}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,6 +258,11 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         iw_batch=args.iw_batch,
     )
+    if args.fid:
+        try:
+            metrics.update(fid_metrics(acc, args, cfg, model, shards))
+        except UserError as e:  # no FID network: one line, after the -ELBO pass's own output
+            return report(PROG, e)
     record = {
         "format": EVAL_FORMAT,
         "run_dir": args.run,
@@ -226,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         "shards": shards.root,
         "iw_samples": args.iw_samples,
         "seed": args.seed,
+        "weights": args.weights,
+        "likelihood": cfg.loss.likelihood,
         **metrics,
     }
     if main_rank:

@@ -1,4 +1,5 @@
-"""The negative ELBO, per image, in nats: reconstruction (Bernoulli or Gaussian) + beta * KL(q(z|x) || N(0, I)).
+"""The negative ELBO per image, in nats: −log p(x|z) from the decoder's likelihood (``vaejob.likelihoods``)
++ β · KL(q(z|x) || N(0, I)), with β warm-up and free bits.
 
 All math runs in fp32 even under autocast: BCE/KL sums over thousands of pixels lose too much in bf16/fp16.
 """
@@ -9,10 +10,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from vaejob.config import LossConfig
+from vaejob.likelihoods import Likelihood
 
 
 @dataclass
@@ -28,18 +29,6 @@ class LossOut:
         return self.recon + self.kl
 
 
-def reconstruction_nats(logits: Tensor, x: Tensor, cfg: LossConfig) -> Tensor:
-    logits, x = logits.float(), x.float()
-    if cfg.likelihood == "bernoulli":
-        per_pixel = F.binary_cross_entropy_with_logits(logits, x, reduction="none")
-    else:
-        sigma = cfg.gaussian_std
-        per_pixel = (
-            0.5 * ((x - torch.sigmoid(logits)) / sigma) ** 2 + math.log(sigma) + 0.5 * math.log(2 * math.pi)
-        )
-    return per_pixel.flatten(1).sum(1)
-
-
 def kl_per_dim(mu: Tensor, logvar: Tensor) -> Tensor:
     mu, logvar = mu.float(), logvar.float()
     return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
@@ -51,8 +40,18 @@ def beta_at(step: int, cfg: LossConfig) -> float:
     return cfg.beta * min(1.0, step / cfg.beta_warmup_steps)
 
 
-def vae_loss(logits: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, cfg: LossConfig, beta: float) -> LossOut:
-    recon = reconstruction_nats(logits, x, cfg)
+def vae_loss(
+    likelihood: Likelihood,
+    params: Tensor,
+    x: Tensor,
+    mu: Tensor,
+    logvar: Tensor,
+    cfg: LossConfig,
+    beta: float,
+    evaluate: bool = False,
+) -> LossOut:
+    """``evaluate`` measures the reconstruction as evaluation reports it (``Likelihood.eval_nll``)."""
+    recon = likelihood.eval_nll(params, x) if evaluate else likelihood.nll(params, x)
     kld = kl_per_dim(mu, logvar)
     kl = kld.sum(1)
     if cfg.free_bits > 0:
@@ -63,5 +62,6 @@ def vae_loss(logits: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, cfg: LossCon
     return LossOut(loss=recon.mean() + beta * kl_term, recon=recon, kl=kl, kl_per_dim=kld)
 
 
-def bits_per_dim(nelbo_nats: float, image_shape: tuple[int, int, int]) -> float:
-    return nelbo_nats / (math.prod(image_shape) * math.log(2))
+def bits_per_dim(nats: float, image_shape: tuple[int, int, int]) -> float:
+    """Nats per image as bits per dimension (C·H·W dims): meaningful for discrete likelihoods only."""
+    return nats / (math.prod(image_shape) * math.log(2))

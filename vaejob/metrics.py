@@ -23,7 +23,7 @@ from torch import Tensor
 
 from vaejob.config import LossConfig
 from vaejob.loader.batch import Batch, unit_float
-from vaejob.loss import LossOut, bits_per_dim, reconstruction_nats, vae_loss
+from vaejob.loss import LossOut, bits_per_dim, vae_loss
 from vaejob.model import VAE
 from vaejob.seeding import item_generator
 from vaejob.shards import ShardSet
@@ -107,7 +107,11 @@ class ElboSums:
         if self.hidden_max is not None and acc.num_processes > 1:
             dist.all_reduce(self.hidden_max, op=dist.ReduceOp.MAX)
 
-    def result(self, image_shape: tuple[int, int, int], label_names: Sequence[str] | None) -> dict[str, Any]:
+    def result(
+        self, image_shape: tuple[int, int, int], label_names: Sequence[str] | None, discrete: bool
+    ) -> dict[str, Any]:
+        """The pass's metrics. Bits/dim only for a likelihood over the 256 levels (``discrete``): of any other
+        they would not be comparable with anything."""
         totals = dict(zip(self.SCALARS, self.scalars.tolist(), strict=True))
         n = totals["count"]
         mean = {key: totals[key] / n for key in self.SCALARS[1:]}
@@ -117,14 +121,16 @@ class ElboSums:
             "nelbo": mean["nelbo"],
             "recon": mean["recon"],
             "kl": mean["kl"],
-            "nelbo_bits_per_dim": bits_per_dim(mean["nelbo"], image_shape),
             "active_units": int((var > ACTIVE_UNIT_THRESHOLD).sum().item()),
             "latent_dim": len(var),
             "kl_per_dim": (self.kl_dim / n).tolist(),
         }
+        if discrete:
+            record["nelbo_bits_per_dim"] = bits_per_dim(mean["nelbo"], image_shape)
         if self.has_nll:
             record["iw_nll"] = mean["nll"]
-            record["bits_per_dim"] = bits_per_dim(mean["nll"], image_shape)
+            if discrete:
+                record["bits_per_dim"] = bits_per_dim(mean["nll"], image_shape)
         if self.hidden_max is not None:
             record["dead_hidden_units"] = int((self.hidden_max <= 0).sum().item())
             record["hidden_units"] = int(self.hidden_max.numel())
@@ -143,7 +149,6 @@ class ElboSums:
 def iw_log_px(
     model: VAE,
     x: Tensor,
-    loss_cfg: LossConfig,
     k: int,
     *,
     generators: Sequence[torch.Generator],
@@ -152,7 +157,7 @@ def iw_log_px(
     """Importance-weighted estimate of log p(x) per image, float64 (N,) nats:
     ``logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log k`` with z_k ~ q(z|x).
 
-    ``x`` is N×C×H×W in [0, 1]; image ``i``'s noise comes from ``generators[i]`` (CPU), drawn ``chunk``
+    ``x`` is N×C×H×W in [0, 1]; p(x|z) is the model's likelihood as evaluation reports it; image ``i``'s noise comes from ``generators[i]`` (CPU), drawn ``chunk``
     samples at a time, so the result is a function of (model, x, generator states, k, chunk). Memory holds
     N×chunk decoded images; the log-sum-exp runs over chunks in float64.
     """
@@ -170,7 +175,7 @@ def iw_log_px(
         z = mu[:, None] + std[:, None] * eps
         logits = model.decode(z.reshape(n * c, d))
         x_rep = x[:, None].expand(n, c, *x.shape[1:]).reshape(n * c, *x.shape[1:])
-        log_px_z = -reconstruction_nats(logits, x_rep, loss_cfg).view(n, c)
+        log_px_z = -model.likelihood.eval_nll(logits, x_rep).view(n, c)
         # log p(z) - log q(z|x) for diagonal Gaussians; the (2 pi) terms cancel.
         log_prior_ratio = 0.5 * (eps.pow(2) + logvar[:, None] - z.pow(2)).sum(-1)
         log_w = (log_px_z + log_prior_ratio).double()
@@ -215,7 +220,7 @@ def elbo_pass(
             eps = noise.draw(keys, len(x), mu.shape[1], device)
             logits = model.decode(mu.float() + torch.exp(0.5 * logvar.float()) * eps)
             image_nll = nll(model, x) if nll is not None else None
-        out = vae_loss(logits, x, mu, logvar, loss_cfg, 1.0)
+        out = vae_loss(model.likelihood, logits, x, mu, logvar, loss_cfg, 1.0, evaluate=True)
         sums.add(out, mu, labels, hidden, image_nll)
     sums.reduce(acc)
     return sums
@@ -256,7 +261,7 @@ class Validator:
         )
         if was_training:
             model.train()
-        r = sums.result(model.image_shape, self.shards.label_names)
+        r = sums.result(model.image_shape, self.shards.label_names, model.likelihood.discrete)
         record = {
             "step": step,
             "split": "val",
@@ -264,10 +269,11 @@ class Validator:
             "nelbo": r["nelbo"],
             "recon": r["recon"],
             "kl": r["kl"],
-            "bits_per_dim": r["nelbo_bits_per_dim"],
             "active_units": r["active_units"],
             "count": r["count"],
         }
+        if "nelbo_bits_per_dim" in r:
+            record["bits_per_dim"] = r["nelbo_bits_per_dim"]
         for key in ("dead_hidden_units", "hidden_units"):
             if key in r:
                 record[key] = r[key]

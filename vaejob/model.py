@@ -1,7 +1,8 @@
 """VAE models: a convolutional VAE (the Keras/PyTorch notebooks' shape) and the classic MLP VAE.
 
-Both map images in [0,1] (N,C,H,W) to (mu, logvar) and latents back to per-pixel logits; the likelihood
-(Bernoulli or Gaussian) lives in ``vaejob.loss``.
+Both map images in [0,1] (N,C,H,W) to (mu, logvar) and latents back to the parameters of the decoder's
+likelihood (``vaejob.likelihoods``: a submodule, so a learned scale trains, checkpoints and syncs with the rest):
+as many channels per pixel as it needs.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from vaejob.config import ModelConfig
+from vaejob.config import LossConfig, ModelConfig
+from vaejob.likelihoods import Likelihood, build_likelihood
 
 _ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "silu": nn.SiLU, "gelu": nn.GELU, "elu": nn.ELU}
 
@@ -30,15 +32,16 @@ def _down_size(size: int, kernel: int) -> int:
 
 
 class VAE(nn.Module):
-    """Encoder -> (mu, logvar); decoder z -> logits. Subclasses build ``encoder``/``decoder`` parts."""
+    """Encoder -> (mu, logvar); decoder z -> likelihood parameters. Subclasses build ``encoder``/``decoder``."""
 
     latent_dim: int
     image_shape: tuple[int, int, int]
+    likelihood: Likelihood
     encoder: nn.Module  # x -> features (N, F)
     hidden: nn.Module  # features -> bottleneck activations (Identity when there is no bottleneck)
     to_mu: nn.Linear
     to_logvar: nn.Linear
-    decoder: nn.Module  # z -> logits (N, C, H, W)
+    decoder: nn.Module  # z -> likelihood parameters (N, P, H, W)
 
     def encode_hidden(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         h = self.hidden(self.encoder(x))
@@ -59,10 +62,9 @@ class VAE(nn.Module):
         mu, logvar = self.encode(x)
         return self.decode(self.reparameterize(mu, logvar)), mu, logvar
 
-    @staticmethod
-    def mean_image(logits: Tensor) -> Tensor:
-        """The decoder's mean image in [0,1] (both likelihoods use a sigmoid mean)."""
-        return torch.sigmoid(logits.float())
+    def mean_image(self, params: Tensor) -> Tensor:
+        """The decoder's mean image in [0,1]: what samples and reconstructions show."""
+        return self.likelihood.mean(params)
 
     @property
     def has_bottleneck(self) -> bool:
@@ -75,9 +77,10 @@ class VAE(nn.Module):
 
 
 class ConvVAE(VAE):
-    def __init__(self, cfg: ModelConfig, image_shape: tuple[int, int, int]):
+    def __init__(self, cfg: ModelConfig, image_shape: tuple[int, int, int], likelihood: Likelihood):
         super().__init__()
         c, h, w = image_shape
+        self.likelihood = likelihood
         self.latent_dim, self.image_shape = cfg.latent_dim, image_shape
         act, k = _ACTIVATIONS[cfg.activation], cfg.kernel_size
         sizes = [(h, w)]
@@ -108,14 +111,15 @@ class ConvVAE(VAE):
                 act(),
             ]
             prev = out_ch
-        dec.append(nn.Conv2d(prev, c, k, padding=k // 2))  # the notebooks' final stride-1 (transposed) conv
+        out = likelihood.param_channels(c)
+        dec.append(nn.Conv2d(prev, out, k, padding=k // 2))  # the notebooks' final stride-1 (transposed) conv
         self.decoder = nn.Sequential(*dec)
 
 
 class MlpVAE(VAE):
-    def __init__(self, cfg: ModelConfig, image_shape: tuple[int, int, int]):
+    def __init__(self, cfg: ModelConfig, image_shape: tuple[int, int, int], likelihood: Likelihood):
         super().__init__()
-        self.latent_dim, self.image_shape = cfg.latent_dim, image_shape
+        self.latent_dim, self.image_shape, self.likelihood = cfg.latent_dim, image_shape, likelihood
         act = _ACTIVATIONS[cfg.activation]
         pixels = math.prod(image_shape)
         enc: list[nn.Module] = [nn.Flatten()]
@@ -131,12 +135,15 @@ class MlpVAE(VAE):
         for width in reversed(cfg.hidden_sizes):
             dec += [nn.Linear(prev, width), act()]
             prev = width
-        dec += [nn.Linear(prev, pixels), nn.Unflatten(1, image_shape)]
+        c, h, w = image_shape
+        out = likelihood.param_channels(c)
+        dec += [nn.Linear(prev, out * h * w), nn.Unflatten(1, (out, h, w))]
         self.decoder = nn.Sequential(*dec)
 
 
-def build_model(cfg: ModelConfig, image_shape: tuple[int, int, int]) -> VAE:
+def build_model(cfg: ModelConfig, loss: LossConfig, image_shape: tuple[int, int, int]) -> VAE:
     c, h, w = image_shape
+    likelihood = build_likelihood(loss, c)
     if cfg.name == "conv":
         min_side = 2 ** len(cfg.channels)
         if min(h, w) < min_side:
@@ -144,5 +151,5 @@ def build_model(cfg: ModelConfig, image_shape: tuple[int, int, int]) -> VAE:
                 f"model.channels has {len(cfg.channels)} stride-2 blocks but the images are {h}x{w}; "
                 "use fewer blocks or a larger --size"
             )
-        return ConvVAE(cfg, image_shape)
-    return MlpVAE(cfg, image_shape)
+        return ConvVAE(cfg, image_shape, likelihood)
+    return MlpVAE(cfg, image_shape, likelihood)

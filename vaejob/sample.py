@@ -30,7 +30,7 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 from vaejob import figures, plots, storage
-from vaejob.checkpoint import WEIGHTS_FILE, load_model
+from vaejob.checkpoint import EMA_FILE, WEIGHTS_FILE, load_model
 from vaejob.cli import (
     EXIT_OK,
     LOG_NAME,
@@ -221,14 +221,17 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         args = build_parser().parse_args(argv)
-        model, cfg, step, ckpt = load_model(args.run, args.checkpoint)
+        model, cfg, step, ckpt, weights = load_model(args.run, args.checkpoint, weights=args.weights)
         check_out(args.out)
     except UserError as e:
         return report(PROG, e)
     # Everything that shapes the bytes; a shard record with other arguments is regenerated.
     params = {
         "checkpoint": str(ckpt),
-        "checkpoint_sha256": sha256_file(os.path.join(str(ckpt), WEIGHTS_FILE)),
+        "weights": weights,
+        "checkpoint_sha256": sha256_file(
+            os.path.join(str(ckpt), EMA_FILE if weights == "ema" else WEIGHTS_FILE)
+        ),
         "step": step,
         "count": args.num,
         "seed": args.seed,

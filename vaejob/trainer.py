@@ -1,0 +1,376 @@
+"""The Trainer: one training job from resume to its last checkpoint (``vaejob.train`` is its command line).
+
+One step: uint8 batch -> device -> float -> VAE -> fp32 loss -> backward -> (clip) -> AdamW with warm-up +
+cosine LR (-> the EMA of the weights). Each cadence has its owner: the log window (``tracking.TrainLog``), an
+exact validation pass over the whole val split (``metrics.Validator``), FID (``fid.FidEvaluator``), samples and
+reconstructions (``figures.TrainingFigures``), checkpoints (``checkpoint.Checkpointer``). SIGTERM/SIGUSR1 finish
+the current step on every rank, checkpoint and exit ``EXIT_PREEMPTED`` so the launcher requeues (``preempt``);
+``run.resume=auto`` continues exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs, set_seed
+from safetensors.torch import load_file
+
+from vaejob import storage
+from vaejob.checkpoint import EMA_FILE, Checkpointer
+from vaejob.cli import (
+    EXIT_FAILED,
+    EXIT_NONFINITE,
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    LOG_NAME,
+    JobFailure,
+    error_line,
+)
+from vaejob.config import Config
+from vaejob.ema import EMA
+from vaejob.fid import FidEvaluator, fid_settings
+from vaejob.figures import TrainingFigures, first_images
+from vaejob.lease import Lease, RunDirLost, hold
+from vaejob.loader import Batch, ShardLoader, make_loader, unit_float
+from vaejob.loss import LossOut, beta_at, vae_loss
+from vaejob.metrics import Validator
+from vaejob.model import VAE, build_model
+from vaejob.optim import NonFiniteError, StepGuard, build_optimizer, lr_at, set_lr
+from vaejob.preempt import ABORT, StopRequest
+from vaejob.ranks import CpuGroup, describe_rank, is_collective_failure, replica_digest
+from vaejob.rundir import RunDir
+from vaejob.shards import DataError, ShardSet, open_shards
+from vaejob.tracking import Tracker, TrainLog, read_metrics, resolve_run_id
+
+log = logging.getLogger(LOG_NAME)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, shards: ShardSet | None = None) -> None:
+        self.cfg = cfg
+        t = cfg.train
+        if t.num_threads:
+            torch.set_num_threads(t.num_threads)
+        if t.deterministic:
+            torch.use_deterministic_algorithms(True)
+        self.shards = shards or open_shards(cfg.data.shards, verify=cfg.data.verify)
+        if self.shards.split("val").count == 0:  # validation, samples and figures all read it
+            raise DataError(
+                f"the val split of {self.shards.root} is empty; re-create the shard set with --val-fraction > 0"
+            )
+        timeout = timedelta(seconds=cfg.run.collective_timeout_s)  # a hung peer fails the job, bounded
+        self.acc = Accelerator(
+            mixed_precision=t.mixed_precision, kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)]
+        )
+        self.rank, self.world, self.device = self.acc.process_index, self.acc.num_processes, self.acc.device
+        self.ranks = CpuGroup(self.world, timeout)
+        self.image_shape = self.shards.image_shape
+        self.run = RunDir(cfg.run.dir)
+
+        set_seed(t.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
+        model = build_model(cfg.model, cfg.loss, self.image_shape)
+        if t.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model, self.opt = self.acc.prepare(model, build_optimizer(model, t))
+        if t.compile:
+            self.model = torch.compile(self.model)
+        self.train_loader = self._loader("train")
+        self.val_loader = self._loader("val")
+        self.checkpointer = Checkpointer(
+            self.acc, self.run, t.checkpoint_every, t.keep_checkpoints, self.ranks
+        )
+        self.validator = Validator(
+            self.acc, self.val_loader, cfg.loss, t.seed, t.eval_every, self.to_input, self.shards
+        )
+        self.guard = StepGuard(t, self.device, self.world)
+        self.ema = EMA(self.unwrapped, t.ema_decay) if t.ema_decay > 0 else None
+        self.fid = FidEvaluator(self.acc, self.ranks, **fid_settings(cfg.fid)) if t.fid_every else None
+        self.stop = StopRequest(self.ranks, announce=self.acc.is_main_process)
+        self.lease = Lease(self.run.lease, cfg.run.lease_timeout_s) if self.acc.is_main_process else None
+        self.step = 0
+        self.run_id = ""
+        self.last_val: dict[str, Any] | None = None
+
+    def _loader(self, split: str, **kw: Any) -> ShardLoader:
+        c = self.cfg
+        args = dict(
+            seed=c.train.seed,
+            rank=self.rank,
+            world_size=self.world,
+            num_workers=c.data.num_workers,
+            shuffle_buffer=c.data.shuffle_buffer,
+            raw=True,  # uint8 to the device, converted there: 4x less host-to-device traffic
+            pin_memory=self.device.type == "cuda",
+        )
+        args.update(kw)
+        return make_loader(self.shards, split, c.train.batch_size, **args)
+
+    @property
+    def unwrapped(self) -> VAE:
+        return self.acc.unwrap_model(self.model)
+
+    @property
+    def eval_model(self) -> VAE:
+        """What validation, FID, samples and figures measure: the averaged weights when there are any."""
+        return self.ema.module if self.ema is not None else self.unwrapped
+
+    def to_input(self, images: torch.Tensor) -> torch.Tensor:
+        x = unit_float(images.to(self.device, non_blocking=True))
+        if self.cfg.train.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def info(self, msg: str) -> None:
+        if self.acc.is_main_process:
+            log.info(msg)
+
+    # -- state ----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Collective (the log window is reduced, so a resumed run logs the same averages)."""
+        return {
+            "step": self.step,
+            **self.log.state_dict(),
+            "loader": self.train_loader.state_dict(),
+            "wandb_run_id": self.run_id,
+            "skipped_steps": self.guard.skipped_steps,
+            "world_size": self.world,
+            "image_shape": list(self.image_shape),
+            "ema_updates": self.ema.updates if self.ema is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = state["step"]
+        self.guard.skipped_steps = state.get("skipped_steps", 0)
+        self.run_id = state.get("wandb_run_id", "")
+        self.train_loader.load_state_dict(state["loader"])
+        self.log.load_state_dict(state)
+
+    def restore_ema(self, checkpoint: str, state: dict[str, Any]) -> None:
+        if self.ema is None:
+            return
+        path = os.path.join(checkpoint, EMA_FILE)
+        if os.path.exists(path):
+            self.ema.load_state_dict(
+                load_file(path, device=str(self.device)), int(state.get("ema_updates") or 0)
+            )
+        else:
+            self.ema = EMA(self.unwrapped, self.cfg.train.ema_decay)
+            self.info(f"{checkpoint} holds no EMA weights: the average starts from the resumed weights")
+
+    # -- the job --------------------------------------------------------------------------------------------
+    def fit(self) -> int:
+        """The whole job: hold the run dir, resume, train, and say how it ended (status.json, exit code)."""
+        if self.lease is not None:
+            os.makedirs(self.cfg.run.dir, exist_ok=True)
+        hold(self.lease, self.ranks, lambda reason: self.stop.request(reason, ABORT))
+        try:
+            self.start()
+            with self.stop.installed():
+                code = self.loop()
+            if code == EXIT_OK:
+                self.check_replicas()
+        except NonFiniteError as e:
+            self.info(f"stopping: {e}; the last good checkpoint is {self.run.latest_checkpoint()}")
+            self.finish(EXIT_NONFINITE, str(e))
+            return EXIT_NONFINITE
+        except BaseException as e:
+            self.finish(EXIT_FAILED, self.failure_line(e), collective=False)  # a rank may be gone: no waiting
+            if isinstance(e, JobFailure | OSError) or is_collective_failure(e):
+                raise JobFailure(self.failure_line(e)) from e
+            raise
+        self.finish(code, self.stop.reason if code == EXIT_PREEMPTED else "")
+        return code
+
+    def start(self) -> None:
+        """Resume (or start fresh), then open the run's outputs: config, W&B id, tracker, log, figures."""
+        cfg, main = self.cfg, self.acc.is_main_process
+        restored = self.checkpointer.restore(cfg.run.resume, self.unwrapped)
+        state = restored[1] if restored is not None else {}
+        self.run_id = resolve_run_id(self.run, state.get("wandb_run_id", ""), resumed=bool(state))
+        if main:
+            storage.atomic_write_text(self.run.config, cfg.to_yaml())
+            storage.atomic_write_text(self.run.wandb_id, self.run_id + "\n")
+        self.tracker = Tracker(cfg, self.run_id, enabled=main, resume_step=state["step"] if state else None)
+        self.log = TrainLog(self.acc, self.tracker, cfg, state.get("step", 0))
+        if restored is not None:
+            self.load_state_dict(state)
+            self.restore_ema(restored[0], state)
+            self.info(f"resumed from {restored[0]} at step {self.step}")
+        if main:
+            self.write_status("running")
+        self.figures = TrainingFigures(
+            cfg.samples,
+            cfg.samples.root or cfg.run.dir,
+            cfg.train.sample_every,
+            self.tracker,
+            first_images(self._loader("val", rank=0, world_size=1, num_workers=0), cfg.samples.recon)
+            if main
+            else None,
+            cfg.wandb.log_images,
+            self.shards.label_names,
+        )
+        self.info(
+            f"training {cfg.model.name} VAE on {self.shards.root} {self.image_shape}: {self.world} process(es) "
+            f"x batch {cfg.train.batch_size}, {len(self.train_loader)} steps/epoch, "
+            f"step {self.step} -> {cfg.train.max_steps}, run dir {cfg.run.dir}"
+        )
+        log.info(
+            f"{describe_rank(self.rank, self.world)}: {len(self.train_loader)} batches per epoch"
+        )  # every rank: its own line
+
+    def finish(self, code: int, reason: str, collective: bool = True) -> None:
+        """Close everything, record how the job ended (rank 0), give the run dir back. After a failure that
+        may have left a rank behind (``collective=False``) nothing waits for the other ranks."""
+        for close in (getattr(self, "log", None), self.train_loader, self.val_loader):
+            if close is not None:
+                close.close()  # the progress bar; the loader worker processes (kept across epochs)
+        lost = self.stop.level == ABORT
+        if self.acc.is_main_process and not lost:  # a job that lost its run dir must not write into it
+            state = {EXIT_OK: "completed", EXIT_PREEMPTED: "preempted"}.get(code, "failed")
+            try:
+                self.write_status(state, reason)
+            except OSError as e:
+                log.warning(f"cannot write {self.run.status}: {error_line(e)}")
+        tracker = getattr(self, "tracker", None)
+        if tracker is not None:
+            tracker.finish(exit_code=0 if code in (EXIT_OK, EXIT_PREEMPTED) else code)
+        if self.lease is not None and not lost:
+            self.lease.release()
+        if collective:
+            self.acc.wait_for_everyone()
+            self.acc.end_training()
+
+    def failure_line(self, e: BaseException) -> str:
+        last = self.run.latest_checkpoint()
+        keep = f"; the last complete checkpoint is {last}" if last else ""
+        if isinstance(e, RunDirLost):
+            return f"stopped writing {self.cfg.run.dir}: {e}"
+        if isinstance(e, JobFailure):
+            return f"{e}{keep}"
+        if is_collective_failure(e):
+            return f"lost contact with another rank ({error_line(e)[:300]}){keep}"
+        return f"{error_line(e)}{keep}"
+
+    def check_replicas(self) -> None:
+        """Collective: DDP keeps every rank's weights identical; each rank says so, and the job fails if not."""
+        digest = replica_digest(self.unwrapped)
+        log.info(
+            f"{describe_rank(self.rank, self.world)}: finished at step {self.step}, weights sha256 {digest}"
+        )
+        digests = self.ranks.gather(digest)
+        if len(set(digests)) > 1:
+            raise JobFailure(
+                f"the ranks' weights differ at the end (sha256 {digests}): DDP replicas diverged"
+            )
+
+    def loop(self) -> int:
+        max_steps = self.cfg.train.max_steps
+        batches = self.train_batches()
+        self.model.train()
+        while self.step < max_steps:
+            out, lr, grad_norm = self.train_step(next(batches))
+            self.step += 1
+            final = self.step == max_steps
+            self.log.add(out.loss, out.recon, out.kl, images=len(out.recon) * self.world)
+            if self.log.due(self.step) or final:
+                self.guard.check()
+                self.log.write(
+                    self.step,
+                    lr=lr,
+                    beta=beta_at(self.step - 1, self.cfg.loss),
+                    grad_norm=float(grad_norm) if grad_norm is not None else None,
+                    epoch=self.train_loader.epoch,
+                    skipped_steps=self.guard.skipped_steps,
+                )
+            if self.validator.due(self.step) or final:
+                self.validate()
+            if self.fid is not None and (self.step % self.cfg.train.fid_every == 0 or final):
+                record = self.fid.evaluate(
+                    self.eval_model, self.shards, "val", self.cfg.fid.samples, self.cfg.fid.real or None
+                )
+                self.tracker.log({"step": self.step, "split": "fid", **record, "time": time.time()})
+            if (self.figures.due(self.step) or final) and self.acc.is_main_process:
+                with self.acc.autocast():
+                    self.figures.write_samples(self.eval_model, self.step, self.device)
+            stop = self.stop.agreed()
+            if stop == ABORT:
+                raise RunDirLost(self.stop.reason or "another rank lost the run dir")
+            if self.checkpointer.due(self.step) or final or stop:
+                self.save_checkpoint()
+            if stop and not final:
+                where = describe_rank(self.rank, self.world)
+                log.info(
+                    f"{where}: checkpointed at step {self.step} after a stop signal; exiting {EXIT_PREEMPTED}"
+                )
+                return EXIT_PREEMPTED
+        if self.acc.is_main_process and self.cfg.samples.final_plots:
+            self.write_final_plots()
+        return EXIT_OK
+
+    def train_batches(self) -> Iterator[Batch]:
+        """Batches without end: each epoch of the loader, then the next one."""
+        while True:
+            yield from self.train_loader
+
+    def train_step(self, batch: Batch) -> tuple[LossOut, float, torch.Tensor | None]:
+        t = self.cfg.train
+        x = self.to_input(batch["image"])
+        lr = lr_at(self.step, t)
+        set_lr(self.opt, lr)
+        params, mu, logvar = self.model(x)
+        likelihood = self.unwrapped.likelihood
+        out = vae_loss(likelihood, params, x, mu, logvar, self.cfg.loss, beta_at(self.step, self.cfg.loss))
+        self.acc.backward(out.loss)
+        grad_norm = None
+        if t.grad_clip > 0 or self.log.due(self.step + 1) or t.on_nonfinite == "skip":
+            grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), t.grad_clip or float("inf"))
+        if self.guard.skips(grad_norm, self.step + 1):  # grads are all-reduced: every rank decides alike
+            self.opt.zero_grad(set_to_none=True)
+        else:
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            self.guard.record(out.loss, self.step + 1)
+            if self.ema is not None:
+                self.ema.update(self.unwrapped)
+        return out, lr, grad_norm
+
+    def validate(self) -> None:
+        record = self.validator.run(self.eval_model, self.step)
+        self.tracker.log(record)
+        units = {"active z": f"{record['active_units']}/{self.unwrapped.latent_dim}"}
+        if "dead_hidden_units" in record:
+            units["dead hidden"] = f"{record['dead_hidden_units']}/{record['hidden_units']}"
+        # Stranded units show at the first evaluation, not only in metrics.jsonl after the run.
+        self.info(
+            f"step {self.step} val -ELBO {record['nelbo']:.2f} nats, "
+            + ", ".join(f"{k} {v}" for k, v in units.items())
+        )
+        self.log.show(val=f"{record['nelbo']:.2f}", **{k.replace(" ", "_"): v for k, v in units.items()})
+        self.last_val = record
+
+    def save_checkpoint(self) -> None:
+        self.guard.check()
+        tensors = (
+            {EMA_FILE.removesuffix(".safetensors"): self.ema.state_dict()} if self.ema is not None else None
+        )
+        path = self.checkpointer.save(self.step, self.state_dict(), tensors)
+        self.info(f"checkpoint {path}")
+
+    def write_status(self, state: str, reason: str = "") -> None:
+        self.run.write_status(state, self.step, self.cfg.train.max_steps, self.run_id, reason)
+
+    def write_final_plots(self) -> None:
+        self.figures.write_final(
+            self.eval_model,
+            self.step,
+            self._loader("val", rank=0, world_size=1, num_workers=0),
+            read_metrics(self.run.metrics),  # the whole run's curves, earlier job segments included
+            self.device,
+        )
