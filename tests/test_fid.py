@@ -75,7 +75,9 @@ def test_real_images_are_close_to_each_other_and_far_from_noise(fmnist_shards: s
     real_noise = frechet_distance(*stats(fa).mean_cov(), *stats(fn).mean_cov())
     kid_rr, kid_rn = kernel_inception_distance(fa, fb)[0], kernel_inception_distance(fa, fn)[0]
     print(f"FID real/real {real_real:.1f}, real/noise {real_noise:.1f}; KID {kid_rr:.4f}, {kid_rn:.4f}")
-    assert real_real < 0.5 * real_noise  # FID is biased upwards on few images (147 vs 438 here on 32 a side) ...
+    assert (
+        real_real < 0.5 * real_noise
+    )  # FID is biased upwards on few images (147 vs 438 here on 32 a side) ...
     assert abs(kid_rr) < 0.01 * kid_rn  # ... KID is not: real/real ~0
 
 

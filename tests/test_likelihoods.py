@@ -109,7 +109,9 @@ def test_an_rgb_run_reports_bits_per_dim_in_a_sane_range(tiny_shards, tmp_path, 
     assert cp.returncode == 0, cp.stderr[-3000:]
     val = metrics(run_dir, "val")
     assert all(v["bits_per_dim"] > 0 for v in val), val  # a distribution over levels: never below zero
-    if likelihood != "gaussian":  # a learned scale beats a uniform distribution over the 256 levels; the fixed
+    if (
+        likelihood != "gaussian"
+    ):  # a learned scale beats a uniform distribution over the 256 levels; the fixed
         assert val[-1]["bits_per_dim"] < 8, val  # sigma = 0.1 cannot go below 6 bits/dim even when exact
     assert all(v["bits_per_dim"] == pytest.approx(v["nelbo"] / (3 * 16 * 16 * math.log(2))) for v in val)
     assert val[-1]["nelbo"] < val[0]["nelbo"]  # it learns
