@@ -70,6 +70,7 @@ def tiny_overrides(shards: str, run_dir: str | Path, **kw: Any) -> list[str]:
     base = {
         "data.shards": shards,
         "data.num_workers": 1,
+        "train.mixed_precision": "no",  # not auto: the same numerics on every CI machine (tests/test_device.py)
         "run.dir": str(run_dir),
         "model.channels": "[8,16]",
         "model.latent_dim": 4,

@@ -45,6 +45,7 @@ from vaejob.cli import (
     setup_logging,
 )
 from vaejob.config import Config, load_config
+from vaejob.device import agree_across_ranks, resolve_auto, use_deterministic_algorithms
 from vaejob.figures import TrainingFigures, first_images
 from vaejob.lease import Lease, RunDirLost, hold
 from vaejob.loader import Batch, ShardLoader, make_loader, unit_float
@@ -66,12 +67,12 @@ log = logging.getLogger(LOG_NAME)
 
 class Trainer:
     def __init__(self, cfg: Config, shards: ShardSet | None = None) -> None:
+        cfg, resolved = resolve_auto(cfg)  # `auto` values first: the Accelerator takes the precision
         self.cfg = cfg
         t = cfg.train
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
-        if t.deterministic:
-            torch.use_deterministic_algorithms(True)
+        use_deterministic_algorithms(t.deterministic)
         self.shards = shards or open_shards(cfg.data.shards, verify=cfg.data.verify)
         if self.shards.split("val").count == 0:  # validation, samples and figures all read it
             raise DataError(
@@ -83,6 +84,7 @@ class Trainer:
         )
         self.rank, self.world, self.device = self.acc.process_index, self.acc.num_processes, self.acc.device
         self.ranks = CpuGroup(self.world, timeout)
+        self.cfg = cfg = agree_across_ranks(cfg, resolved, self.ranks, announce=self.acc.is_main_process)
         self.image_shape = self.shards.image_shape
         self.run = RunDir(cfg.run.dir)
 
@@ -92,7 +94,7 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         self.model, self.opt = self.acc.prepare(model, build_optimizer(model, t))
         if t.compile:
-            self.model = torch.compile(self.model)
+            self.model = torch.compile(self.model, mode=None if t.compile is True else t.compile)
         self.train_loader = self._loader("train")
         self.val_loader = self._loader("val")
         self.checkpointer = Checkpointer(
@@ -124,7 +126,9 @@ class Trainer:
 
     @property
     def unwrapped(self) -> VAE:
-        return self.acc.unwrap_model(self.model)
+        # The plain module (evaluation and figures run it eagerly): accelerate's unwrap keeps torch.compile's
+        # wrapper and re-points that wrapper at the bare model, past DDP.
+        return self.acc.unwrap_model(getattr(self.model, "_orig_mod", self.model))
 
     def to_input(self, images: torch.Tensor) -> torch.Tensor:
         x = unit_float(images.to(self.device, non_blocking=True))
