@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,8 +63,9 @@ from vaejob.shards import open_shards  # noqa: E402
 from vaejob.tracking import read_metrics  # noqa: E402
 
 SECTIONS = ("env", "tests", "throughput", "loader", "ttq")
-# Seconds kept back for the sections after this one, so an early section cannot starve the later ones.
-RESERVE = {"tests": 200, "throughput": 140, "loader": 100, "ttq": 0}
+# Seconds kept back for each section while the ones before it run (time they leave unused flows on): with the
+# default 450 s the tests get about 200 s on one GPU (13 launched jobs, two of them compiling the model).
+RESERVE = {"throughput": 110, "loader": 40, "ttq": 100}
 # Image shape of a config whose shard set is not on this machine, by the shard directory's name.
 SOURCE_SHAPES = {
     "fashion-mnist": (1, 28, 28),
@@ -145,10 +147,15 @@ class Check:
         self.result["elapsed_s"] = round(time.monotonic() - self.start, 1)
         storage.atomic_write_json(self.args.json, self.result)
 
-    def env(self, **extra: str) -> dict[str, str]:
+    def run(self, cmd: list[str], section: str) -> subprocess.CompletedProcess:
+        """``cmd`` in the repository, output captured, stopped when ``section``'s time is up."""
+        timeout = max(30, self.left(section))
+        return subprocess.run(cmd, cwd=REPO, env=self.env(), capture_output=True, text=True, timeout=timeout)
+
+    def env(self) -> dict[str, str]:
+        """This environment with the repository first on the path (the wheels gpu_check.sh installs stay)."""
         path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-        env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
-        return {**env, **extra}
+        return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
 
 
 def section_env(check: Check) -> dict[str, Any]:
@@ -190,14 +197,7 @@ def section_tests(check: Check) -> dict[str, Any]:
     log_path = Path(check.args.json).with_name("pytest.log")
     started = time.monotonic()
     try:
-        cp = subprocess.run(
-            cmd,
-            cwd=REPO,
-            env=check.env(),
-            capture_output=True,
-            text=True,
-            timeout=max(30, check.left("tests")),
-        )
+        cp = check.run(cmd, "tests")
         output, code = cp.stdout + cp.stderr, cp.returncode
     except subprocess.TimeoutExpired as e:
         output, code = (
@@ -270,14 +270,7 @@ def section_throughput(check: Check) -> list[dict[str, Any]]:
         print(f"throughput: {spec.label} at batch {','.join(map(str, sizes))}", flush=True)
         error = None
         try:
-            cp = subprocess.run(
-                cmd,
-                cwd=REPO,
-                env=check.env(),
-                capture_output=True,
-                text=True,
-                timeout=check.left("throughput"),
-            )
+            cp = check.run(cmd, "throughput")
             if cp.returncode != 0:
                 error = (cp.stderr.strip().splitlines() or [f"exit code {cp.returncode}"])[-1][:300]
         except subprocess.TimeoutExpired:
@@ -363,18 +356,22 @@ def section_ttq(check: Check) -> dict[str, Any]:
         "train.progress=false",
         *a.ttq_set,
     ]
-    res = run_vaejob(
-        shards,
-        0,
-        launch,
-        overrides,
-        check.work,
-        "ttq",
-        config=DEFAULT_CONFIG,
-        nproc=gpus,
-        timeout=max(30, check.left("ttq")),
-    )
     run_dir = check.work / "seed0-ttq"  # run_vaejob's name for it
+    try:
+        res = run_vaejob(
+            shards,
+            0,
+            launch,
+            overrides,
+            check.work,
+            "ttq",
+            config=DEFAULT_CONFIG,
+            nproc=gpus,
+            timeout=max(30, check.left("ttq")),
+        )
+    except subprocess.TimeoutExpired:
+        val = [r["nelbo"] for r in read_metrics(str(run_dir / "metrics.jsonl")) if r.get("split") == "val"]
+        return {"error": f"stopped: time budget (val -ELBO so far: {[round(v, 2) for v in val]})"}
     saved = load_config(str(run_dir / "config.yaml"))
     rates = [
         r["images_per_s"] for r in read_metrics(str(run_dir / "metrics.jsonl")) if r.get("split") == "train"
@@ -395,7 +392,11 @@ def section_ttq(check: Check) -> dict[str, Any]:
 
 
 def print_tables(result: dict[str, Any]) -> None:
-    s = result["sections"]
+    s = dict(result["sections"])
+    for name, value in list(s.items()):
+        if isinstance(value, dict) and set(value) == {"error"}:
+            print(f"\n{name}: {value['error']}")
+            del s[name]
     if "env" in s:
         e = s["env"]
         gpu = f"{e.get('gpu')} x{e.get('gpus')} (capability {e.get('capability')}, {e.get('memory_gib')} GiB, driver {e.get('driver')})"
@@ -438,16 +439,13 @@ def print_tables(result: dict[str, Any]) -> None:
             )
     if "ttq" in s:
         q = s["ttq"]
-        if "error" in q:
-            print(f"\ntime to quality: {q['error']}")
-        else:
-            fmt = lambda v: f"{v:.1f} s" if v is not None else "not reached"  # noqa: E731
-            print(
-                f"\ntime to quality, configs/fashion_mnist.yaml on {q['gpus']} device(s), {q['images_per_step']} images a "
-                f"step, {q['mixed_precision']}, {q['num_workers']} workers: 254 nats {fmt(q['to_254_s'])}, 245 nats "
-                f"{fmt(q['to_245_s'])}, final {q['final_nelbo']:.2f} nats, exit {q['total_s']:.1f} s, "
-                f"{q['median_images_per_s']:,.0f} img/s"
-            )
+        fmt = lambda v: f"{v:.1f} s" if v is not None else "not reached"  # noqa: E731
+        print(
+            f"\ntime to quality, configs/fashion_mnist.yaml on {q['gpus']} device(s), {q['images_per_step']} images a "
+            f"step, {q['mixed_precision']}, {q['num_workers']} workers: 254 nats {fmt(q['to_254_s'])}, 245 nats "
+            f"{fmt(q['to_245_s'])}, final {q['final_nelbo']:.2f} nats, exit {q['total_s']:.1f} s, "
+            f"{q['median_images_per_s']:,.0f} img/s"
+        )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -517,17 +515,22 @@ def main(argv: list[str] | None = None) -> int:
         throughput: list[dict[str, Any]] = []
         for name in args.sections:
             print(f"== {name} ({check.left(name):.0f} s for it)", flush=True)
-            if name == "env":
-                check.save(name, section_env(check))
-            elif name == "tests":
-                check.save(name, section_tests(check))
-            elif name == "throughput":
-                throughput = section_throughput(check)
-                check.save(name, throughput)
-            elif name == "loader":
-                check.save(name, section_loader(check, throughput))
-            else:
-                check.save(name, section_ttq(check))
+            try:
+                if name == "env":
+                    value: Any = section_env(check)
+                elif name == "tests":
+                    value = section_tests(check)
+                elif name == "throughput":
+                    value = throughput = section_throughput(check)
+                elif name == "loader":
+                    value = section_loader(check, throughput)
+                else:
+                    value = section_ttq(check)
+            except (Exception, SystemExit) as e:  # one section's failure must not cost the others' minutes
+                traceback.print_exc()
+                lines = str(e).strip().splitlines()
+                value = {"error": f"{type(e).__name__}: {lines[-1] if lines else ''}"}
+            check.save(name, value)
         check.result["complete"] = True
         check.save(args.sections[-1], check.result["sections"][args.sections[-1]])
     print_tables(check.result)

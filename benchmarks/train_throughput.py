@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.reset_peak_memory_stats()
             try:
                 record.update(report(measure(cfg, shape, args.warmup, args.chunk, args.rounds)))
-            except torch.OutOfMemoryError:
+            except torch.cuda.OutOfMemoryError:
                 record["error"] = "out of memory"
                 print(f"batch {t.batch_size}: out of memory; larger batch sizes skipped", flush=True)
             if device == "cuda":

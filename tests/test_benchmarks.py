@@ -125,9 +125,10 @@ def test_gpu_check_sections_run_on_the_cpu(tmp_path):
     assert verdict["auto_keeps_up"] == (rates[("fashion_mnist", 0)] >= row["trainer"])
     ttq = s["ttq"]
     if "error" in ttq:  # no Fashion-MNIST files on this machine
-        assert "no Fashion-MNIST files" in ttq["error"]
+        assert "no Fashion-MNIST files" in ttq["error"] and "ttq: no Fashion-MNIST files" in cp.stdout
     else:
         assert [e["step"] for e in ttq["evals"]] == [20, 40] and ttq["images_per_step"] == 64
         assert all(0 < e["nelbo"] < 2000 for e in ttq["evals"]) and ttq["total_s"] > 0
-    for table in ("config            variant", "loader, uint8 batches of 256", "time to quality"):
+        assert "time to quality, configs/fashion_mnist.yaml on 1 device(s), 64 images a step" in cp.stdout
+    for table in ("config            variant", "loader, uint8 batches of 256"):
         assert table in cp.stdout, cp.stdout[-3000:]

@@ -210,3 +210,21 @@ def test_a_job_writes_the_resolved_values_into_config_yaml(make_shards, tmp_path
     assert saved["data"]["num_workers"] == 0  # CPU training
     line = next(ln for ln in cp.stderr.splitlines() if "auto: " in ln)
     assert f"train.mixed_precision={expected} (" in line and "data.num_workers=0 (training on the CPU" in line
+
+
+@pytest.mark.slow
+def test_evaluate_reads_a_config_yaml_that_still_says_auto(tiny_run, tmp_path):
+    """config.yaml holds resolved values, but one written by hand (or by a tool) may say auto: evaluate and
+    sample resolve it for the device they run on instead of handing "auto" to accelerate and the loader."""
+    import shutil
+
+    from vaejob.checkpoint import load_model
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    saved["train"]["mixed_precision"] = saved["data"]["num_workers"] = "auto"
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    loaded = load_model(str(run_dir))
+    cfg = loaded[1]
+    assert cfg.train.mixed_precision in ("no", "bf16", "fp16") and isinstance(cfg.data.num_workers, int)

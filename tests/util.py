@@ -49,13 +49,14 @@ def device_env(device: str, **extra: str) -> dict[str, str]:
     return env
 
 
-def launch_cmd(nproc: int, script: str = TRAIN) -> list[str]:
-    if nproc == 1:
+def launch_cmd(nproc: int, script: str = TRAIN, accelerate: bool = False) -> list[str]:
+    """``python SCRIPT`` for one process (unless ``accelerate``), else ``accelerate launch ... SCRIPT``."""
+    if nproc == 1 and not accelerate:
         return [sys.executable, script]
     return [
         str(BIN / "accelerate"),
         "launch",
-        "--multi_gpu",
+        *(["--multi_gpu"] if nproc > 1 else []),
         "--num_processes",
         str(nproc),
         "--num_machines",
