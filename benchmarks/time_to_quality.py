@@ -316,10 +316,10 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         default=["accelerate"],
         metavar="SPEC",
-        help="vaejob side(s): accelerate (--nproc processes x 1 thread, as scripts/demo.sh; the default) or "
-        "python (1 process, all cores), each optionally followed by :key=value,... overrides",
+        help="vaejob side(s): accelerate (--nproc processes x 1 thread, as scripts/demo.sh; the default), "
+        "python (1 process, all cores) or gpu (--nproc GPUs), each optionally followed by :key=value,... overrides",
     )
-    p.add_argument("--nproc", type=int, default=2, help="processes with --launch accelerate")
+    p.add_argument("--nproc", type=int, default=2, help="processes with --launch accelerate or gpu")
     p.add_argument("--set", nargs="*", default=[], metavar="key=value", help="vaejob overrides")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--timeout", type=float, default=900, help="seconds per process")
