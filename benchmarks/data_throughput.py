@@ -72,12 +72,12 @@ def make_data(root: Path, num: int, size: int, workers: int) -> tuple[Path, Path
     return npy, png, folder
 
 
-def count(batches: Iterator) -> int:
+def count(batches: Iterator, dtype: torch.dtype = torch.float32) -> int:
     n = 0
     for batch in batches:
         images = batch["image"] if isinstance(batch, dict) else batch[0]
-        if images.dtype != torch.float32:
-            raise AssertionError(f"expected float32 images, got {images.dtype}")
+        if images.dtype != dtype:
+            raise AssertionError(f"expected {dtype} images, got {images.dtype}")
         n += images.shape[0]
     return n
 
@@ -111,16 +111,39 @@ def webdataset_loader(shards: ShardSet, batch_size: int, workers: int, buffer: i
     return lambda epoch: count(iter(loader))
 
 
-def vaejob_loader(shards: ShardSet, batch_size: int, workers: int, buffer: int) -> Callable[[int], int]:
-    loader = make_loader(
-        shards, "train", batch_size, num_workers=workers, shuffle_buffer=buffer, rank=0, world_size=1
-    )
+class VaejobEpochs:
+    """The vaejob loader, one epoch per call (returns the images read); ``close()`` stops its workers.
+    ``raw=True, pin_memory=True`` is what the trainer asks for on a GPU (uint8 batches in page-locked memory,
+    converted on the device)."""
 
-    def epoch(e: int) -> int:
-        loader.set_epoch(e)
-        return count(iter(loader))
+    def __init__(
+        self,
+        shards: ShardSet,
+        batch_size: int,
+        workers: int,
+        buffer: int,
+        raw: bool = False,
+        pin_memory: bool = False,
+    ) -> None:
+        self.dtype = torch.uint8 if raw else torch.float32
+        self.loader = make_loader(
+            shards,
+            "train",
+            batch_size,
+            num_workers=workers,
+            shuffle_buffer=buffer,
+            rank=0,
+            world_size=1,
+            raw=raw,
+            pin_memory=pin_memory,
+        )
 
-    return epoch
+    def __call__(self, epoch: int) -> int:
+        self.loader.set_epoch(epoch)
+        return count(iter(self.loader), self.dtype)
+
+    def close(self) -> None:
+        self.loader.close()
 
 
 class _ReadOnly(IterableDataset):
@@ -192,9 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         methods: dict[str, Callable[[int], int]] = {
             "imagefolder": imagefolder(folder, b, w),
             "webdataset": webdataset_loader(npy_set, b, w, buf),
-            "vaejob-npy": vaejob_loader(npy_set, b, w, buf),
+            "vaejob-npy": VaejobEpochs(npy_set, b, w, buf),
             "read-only": read_only(npy_set, w),
-            "vaejob-png": vaejob_loader(png_set, b, w, buf),
+            "vaejob-png": VaejobEpochs(png_set, b, w, buf),
         }
         for fn in methods.values():  # warm-up: worker start, page cache, imports
             fn(0)

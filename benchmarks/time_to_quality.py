@@ -16,6 +16,7 @@ For each seed, one after the other on the same shards and the same machine (so n
            with ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 (2 processes x 1 thread, DDP over gloo);
            ``--launch python`` is ``python vaejob/train.py`` (1 process, all cores). Several specs run one after
            the other, each optionally with overrides: ``--launch accelerate python:train.batch_size=64``.
+           ``--launch gpu`` is ``accelerate launch --num_processes N`` on N GPUs (``--nproc``; gpu_check.py).
            The job's val events in metrics.jsonl carry a wall-clock ``time``.
 
 Quality is the validation split's -ELBO in nats per image (Bernoulli likelihood on pixels/255, one z sample):
@@ -120,19 +121,20 @@ def seed_loop(shards: str, seed: int, epochs: int, events_path: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ running
-def ensure_shards(path: Path, limit: int | None) -> Path:
+def ensure_shards(path: Path, limit: int | None, source_dir: str = FASHION_MNIST) -> Path:
+    """Fashion-MNIST shards at ``path``, written from the IDX files in ``source_dir`` unless already there."""
     if (path / "manifest.json").exists():
         return path
-    if not os.path.isdir(FASHION_MNIST):
+    if not os.path.isdir(source_dir):
         raise SystemExit(
-            f"no shards at {path} and no {FASHION_MNIST}: apt-get install dataset-fashion-mnist, or pass --shards"
+            f"no shards at {path} and no {source_dir}: apt-get install dataset-fashion-mnist, or pass --shards"
         )
     cmd = [
         sys.executable,
         "-m",
         "vaejob.shard",
         "--source",
-        "fashion-mnist",
+        f"fashion-mnist:{source_dir}",
         "--out",
         str(path),
         "--overwrite",
@@ -149,10 +151,14 @@ def vaejob_cmd(
     env = dict(os.environ)
     if launch == "python":
         return [sys.executable, str(TRAIN), "--config", str(config), *overrides], env
-    # scripts/demo.sh: DDP over gloo, one thread per process
-    env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    if launch == "gpu":  # one process per GPU (NCCL when there are several)
+        env.pop("ACCELERATE_USE_CPU", None)
+        multi = ["--multi_gpu"] if nproc > 1 else []
+    else:  # scripts/demo.sh: DDP over gloo, one thread per process
+        env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+        multi = ["--multi_gpu"]
     accelerate = str(Path(sys.executable).parent / "accelerate")
-    launcher = [accelerate, "launch", "--multi_gpu", "--num_processes", str(nproc), "--num_machines", "1"]
+    launcher = [accelerate, "launch", *multi, "--num_processes", str(nproc), "--num_machines", "1"]
     launcher += ["--mixed_precision", "no", "--dynamo_backend", "no"]
     launcher += ["--main_process_port", str(29500 + os.getpid() % 1000)]
     return [*launcher, str(TRAIN), "--config", str(config), *overrides], env
@@ -182,12 +188,13 @@ def run_seed_loop(shards: Path, seed: int, epochs: int, work: Path, timeout: flo
 
 
 def parse_launch(spec: str, nproc: int) -> tuple[str, str, list[str]]:
-    """``python`` | ``accelerate`` [``:key=value,...``] -> (side label, launcher, extra overrides)."""
+    """``python`` | ``accelerate`` | ``gpu`` [``:key=value,...``] -> (side label, launcher, extra overrides)."""
     launch, _, extra = spec.partition(":")
-    if launch not in ("python", "accelerate"):
-        raise SystemExit(f"--launch {spec!r}: use python or accelerate, optionally with :key=value,...")
+    if launch not in ("python", "accelerate", "gpu"):
+        raise SystemExit(f"--launch {spec!r}: use python, accelerate or gpu, optionally with :key=value,...")
     overrides = [o for o in extra.split(",") if o]
-    label = "vaejob" + ("" if launch == "python" else f" {nproc}x1") + "".join(f" {o}" for o in overrides)
+    where = {"python": "", "accelerate": f" {nproc}x1", "gpu": f" {nproc} GPU"}[launch]
+    label = "vaejob" + where + "".join(f" {o}" for o in overrides)
     return label, launch, overrides
 
 
@@ -196,16 +203,20 @@ def run_vaejob(
     seed: int,
     launch: str,
     overrides: list[str],
-    args: argparse.Namespace,
     work: Path,
     name: str,
+    *,
+    config: Path,
+    nproc: int,
+    timeout: float,
 ) -> dict[str, Any]:
+    """One vaejob job, timed from its launch; returns its val evaluations (wall s, -ELBO, ...) and total time."""
     run_dir = work / f"seed{seed}-{name}"
     shutil.rmtree(run_dir, ignore_errors=True)
     overrides = [f"data.shards={shards}", f"run.dir={run_dir}", f"train.seed={seed}", *overrides]
-    cmd, env = vaejob_cmd(launch, args.nproc, args.config, overrides)
-    start, end = run_timed(cmd, env, work / f"seed{seed}-{name}.log", args.timeout)
-    world = args.nproc if launch == "accelerate" else 1
+    cmd, env = vaejob_cmd(launch, nproc, config, overrides)
+    start, end = run_timed(cmd, env, work / f"seed{seed}-{name}.log", timeout)
+    world = 1 if launch == "python" else nproc
     records = [
         json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()
     ]
@@ -308,10 +319,10 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         default=["accelerate"],
         metavar="SPEC",
-        help="vaejob side(s): accelerate (--nproc processes x 1 thread, as scripts/demo.sh; the default) or "
-        "python (1 process, all cores), each optionally followed by :key=value,... overrides",
+        help="vaejob side(s): accelerate (--nproc processes x 1 thread, as scripts/demo.sh; the default), "
+        "python (1 process, all cores) or gpu (--nproc GPUs), each optionally followed by :key=value,... overrides",
     )
-    p.add_argument("--nproc", type=int, default=2, help="processes with --launch accelerate")
+    p.add_argument("--nproc", type=int, default=2, help="processes with --launch accelerate or gpu")
     p.add_argument("--set", nargs="*", default=[], metavar="key=value", help="vaejob overrides")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--timeout", type=float, default=900, help="seconds per process")
@@ -335,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             for i, (label, launch, extra) in enumerate(sides):
                 overrides = [*args.set, *extra]
                 if args.quick:  # the default job shortened to the seed loop's 2 epochs, evaluated every epoch
-                    world = args.nproc if launch == "accelerate" else 1
+                    world = 1 if launch == "python" else args.nproc
                     batch = load_config(str(args.config), overrides).train.batch_size
                     per_epoch = train_count // (batch * world)
                     overrides = [
@@ -343,7 +354,17 @@ def main(argv: list[str] | None = None) -> int:
                         f"train.eval_every={per_epoch}",
                         *overrides,
                     ]
-                results[seed][label] = run_vaejob(shards, seed, launch, overrides, args, work, f"vaejob{i}")
+                results[seed][label] = run_vaejob(
+                    shards,
+                    seed,
+                    launch,
+                    overrides,
+                    work,
+                    f"vaejob{i}",
+                    config=args.config,
+                    nproc=args.nproc,
+                    timeout=args.timeout,
+                )
             took = ", ".join(f"{side} {res['total_s']:.0f} s" for side, res in results[seed].items())
             print(f"seed {seed}: {took} (logs in {work})", flush=True)
         lines = report(results, args.epochs, judge=not args.quick)

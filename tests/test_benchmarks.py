@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import FASHION_MNIST_DIR, FASHION_MNIST_FILES
 from tests.util import REPO, cpu_env
@@ -77,3 +78,57 @@ def test_data_throughput_quick(tmp_path):
     for peer in ("imagefolder", "webdataset"):  # the two ratios the README's loader table quotes
         m = re.search(rf"^vaejob-npy / {peer}: ([0-9.]+)x img/s", cp.stdout, re.M)
         assert m and float(m.group(1)) > 0, cp.stdout
+
+
+def test_gpu_check_without_a_gpu_says_so_and_exits_0():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: gpu_check.py would measure it (minutes)")
+    cp = _bench(["benchmarks/gpu_check.py"], timeout=120)
+    assert cp.stdout.strip().splitlines() == [cp.stdout.strip()]  # one line
+    assert cp.stdout.startswith("gpu_check: no CUDA GPU here") and "exiting 0" in cp.stdout
+
+
+def test_gpu_check_sections_run_on_the_cpu(tmp_path):
+    """Every section but the CUDA tests (tests/test_cuda.py runs their CPU cases itself), at toy sizes."""
+    out = tmp_path / "check.json"
+    args = ["benchmarks/gpu_check.py", "--device", "cpu", "--sections", "env,throughput,loader,ttq"]
+    args += [
+        "--specs",
+        "fashion_mnist@32",
+        "--rounds",
+        "2",
+        "--chunk",
+        "5",
+        "--warmup",
+        "2",
+        "--workers",
+        "0,1",
+    ]
+    args += ["--loader-images", "1000", "--loader-epochs", "1", "--fmnist-limit", "3000", "--json", str(out)]
+    args += ["--work", str(tmp_path / "work"), "--ttq-set", "train.max_steps=40", "train.eval_every=20"]
+    cp = _bench(args, timeout=600)
+    result = json.loads(out.read_text())
+    assert result["complete"] and result["device"] == "cpu"
+    s = result["sections"]
+    assert set(s["env"]["auto"]) == {"train.mixed_precision", "data.num_workers"}
+    assert s["env"]["auto"]["data.num_workers"].startswith("0 (training on the CPU")
+    (row,) = s["throughput"]
+    assert row["config"] == "fashion_mnist" and row["batch_size"] == 32 and row["shape"] == [1, 28, 28]
+    assert (
+        row["trainer"] > 0 and row["bare"] > 0 and row["ratio"] == pytest.approx(row["trainer"] / row["bare"])
+    )
+    rates = {(r["config"], r["workers"]): r["images_per_s"] for r in s["loader"]["rates"]}
+    assert set(rates) == {(c, w) for c in ("fashion_mnist", "synthetic64") for w in (0, 1)}
+    assert all(v > 0 for v in rates.values())
+    (verdict,) = s["loader"]["vs_training"]  # the loader against the step rate it must feed
+    assert verdict["auto_workers"] == 0 and verdict["loader_at_auto"] == rates[("fashion_mnist", 0)]
+    assert verdict["auto_keeps_up"] == (rates[("fashion_mnist", 0)] >= row["trainer"])
+    ttq = s["ttq"]
+    if "error" in ttq:  # no Fashion-MNIST files on this machine
+        assert "no Fashion-MNIST files" in ttq["error"] and "ttq: no Fashion-MNIST files" in cp.stdout
+    else:
+        assert [e["step"] for e in ttq["evals"]] == [20, 40] and ttq["images_per_step"] == 64
+        assert all(0 < e["nelbo"] < 2000 for e in ttq["evals"]) and ttq["total_s"] > 0
+        assert "time to quality, configs/fashion_mnist.yaml on 1 device(s), 64 images a step" in cp.stdout
+    for table in ("config            variant", "loader, uint8 batches of 256"):
+        assert table in cp.stdout, cp.stdout[-3000:]

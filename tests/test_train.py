@@ -16,7 +16,17 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from tests.util import REPO, cpu_env, launch_cmd, metrics, run, tiny_overrides, wandb_records, wandb_runs
+from tests.util import (
+    REPO,
+    assert_same_run,
+    cpu_env,
+    launch_cmd,
+    metrics,
+    run,
+    tiny_overrides,
+    wandb_records,
+    wandb_runs,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -88,22 +98,6 @@ def test_ddp_two_ranks_identical_weights_and_learning(shards, tmp_path):
     assert json.loads((run_dir / "status.json").read_text())["state"] == "completed"
 
 
-def _final_params(run_dir: Path) -> dict[str, torch.Tensor]:
-    ckpts = sorted((run_dir / "checkpoints").iterdir())
-    return load_file(str(ckpts[-1] / "model.safetensors"))
-
-
-def _assert_same_run(a: Path, b: Path) -> None:
-    pa, pb = _final_params(a), _final_params(b)
-    assert pa.keys() == pb.keys()
-    for k in pa:
-        torch.testing.assert_close(pa[k], pb[k], rtol=1e-5, atol=1e-6)
-    ma, mb = metrics(a), metrics(b)
-    assert [(r["step"], r["split"]) for r in ma] == [(r["step"], r["split"]) for r in mb]  # no gap, no repeat
-    for ra, rb in zip(ma, mb, strict=True):
-        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4), ra["step"]
-
-
 def test_resume_after_crash_matches_straight_run(shards, tmp_path):
     kw = {"train.max_steps": 30, "data.num_workers": 2}
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
@@ -125,7 +119,7 @@ def test_resume_after_crash_matches_straight_run(shards, tmp_path):
     cp = train(shards, crashed, **kw, **{"run.resume": "auto"})
     assert cp.returncode == 0, cp.stderr[-3000:]
     assert "resumed from" in cp.stderr
-    _assert_same_run(straight, crashed)
+    assert_same_run(straight, crashed)
     # one W&B run id across the crash, in two offline run dirs (one per process lifetime)
     runs = wandb_runs(crashed)
     assert len(runs) == 2 and len({r.rsplit("-", 1)[1] for r in runs}) == 1
@@ -176,7 +170,7 @@ def test_sigusr1_checkpoints_and_exits_75_then_resumes_exactly_two_ranks(shards,
     assert "exiting 75" in err
     cp = train(shards, preempted, nproc=2, **kw)  # run.resume=auto is the default
     assert cp.returncode == 0, cp.stderr[-3000:]
-    _assert_same_run(straight, preempted)
+    assert_same_run(straight, preempted)
 
 
 def test_sigterm_to_every_process_checkpoints_and_exits_75(shards, tmp_path):

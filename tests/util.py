@@ -12,7 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
+import torch
 import webdataset as wds
+from safetensors.torch import load_file
 
 from vaejob.loader import ShardLoader, make_loader
 from vaejob.shard import main as shard_main
@@ -37,13 +40,23 @@ def cpu_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def launch_cmd(nproc: int, script: str = TRAIN) -> list[str]:
-    if nproc == 1:
+def device_env(device: str, **extra: str) -> dict[str, str]:
+    """``cpu_env`` for ``device="cpu"``; for ``"cuda"`` the same without ACCELERATE_USE_CPU, so the job trains on
+    the GPU (one process: ``cuda:0``)."""
+    env = cpu_env(**extra)
+    if device != "cpu":
+        env.pop("ACCELERATE_USE_CPU")
+    return env
+
+
+def launch_cmd(nproc: int, script: str = TRAIN, accelerate: bool = False) -> list[str]:
+    """``python SCRIPT`` for one process (unless ``accelerate``), else ``accelerate launch ... SCRIPT``."""
+    if nproc == 1 and not accelerate:
         return [sys.executable, script]
     return [
         str(BIN / "accelerate"),
         "launch",
-        "--multi_gpu",
+        *(["--multi_gpu"] if nproc > 1 else []),
         "--num_processes",
         str(nproc),
         "--num_machines",
@@ -70,6 +83,7 @@ def tiny_overrides(shards: str, run_dir: str | Path, **kw: Any) -> list[str]:
     base = {
         "data.shards": shards,
         "data.num_workers": 1,
+        "train.mixed_precision": "no",  # not auto: the same numerics on every CI machine (tests/test_device.py)
         "run.dir": str(run_dir),
         "model.channels": "[8,16]",
         "model.latent_dim": 4,
@@ -102,6 +116,24 @@ def metrics(run_dir: str | Path, split: str | None = None) -> list[dict[str, Any
     path = Path(run_dir) / "metrics.jsonl"
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [r for r in records if split is None or r["split"] == split]
+
+
+def final_params(run_dir: str | Path) -> dict[str, Any]:
+    """The weights of a run's newest checkpoint."""
+    ckpts = sorted((Path(run_dir) / "checkpoints").iterdir())
+    return load_file(str(ckpts[-1] / "model.safetensors"))
+
+
+def assert_same_run(a: str | Path, b: str | Path) -> None:
+    """Two runs trained alike: the same final weights, the same metrics.jsonl events and losses."""
+    pa, pb = final_params(a), final_params(b)
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], rtol=1e-5, atol=1e-6)
+    ma, mb = metrics(a), metrics(b)
+    assert [(r["step"], r["split"]) for r in ma] == [(r["step"], r["split"]) for r in mb]  # no gap, no repeat
+    for ra, rb in zip(ma, mb, strict=True):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4), ra["step"]
 
 
 def wandb_runs(run_dir: str | Path) -> list[str]:

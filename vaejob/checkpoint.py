@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from vaejob import storage
 from vaejob.cli import LOG_NAME, JobFailure, UserError, error_line
 from vaejob.config import Config, ConfigError, load_config
+from vaejob.device import resolve_auto
 from vaejob.model import VAE, build_model
 from vaejob.ranks import CpuGroup
 from vaejob.rundir import STATE_FILE, RunDir, step_dir_name
@@ -313,6 +314,7 @@ def load_model(
         cfg = load_config(run.config)
     except ConfigError as e:
         raise CheckpointError(f"{run.config}: {e}") from None
+    cfg, _ = resolve_auto(cfg)  # training writes resolved values; a hand-written config.yaml may say auto
     cfg.run.dir = run_dir
     path = checkpoint or run.latest_checkpoint()
     if path is None:

@@ -26,7 +26,7 @@ class ConfigError(UserError, ValueError):
 @dataclass
 class DataConfig:
     shards: str = "shards/fashion-mnist"  # shard-set dir (or URL) with manifest.json
-    num_workers: int = 2  # loader worker processes per rank
+    num_workers: int | Literal["auto"] = "auto"  # loader worker processes per rank (auto: vaejob.device)
     shuffle_buffer: int = 2000
     verify: bool = False  # sha256 every shard before training (slow on big sets)
 
@@ -70,8 +70,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 0.0  # max global grad norm; 0 = off
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    compile: bool = False
+    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "auto"  # auto: vaejob.device
+    compile: bool | Literal["default", "reduce-overhead", "max-autotune"] = (
+        False  # torch.compile mode; true = default
+    )
     channels_last: bool = False
     num_threads: int = 0  # torch intra-op threads per process; 0 = leave the default
     log_every: int = 50
@@ -167,13 +169,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}' must be a list, e.g. {key}=[1,2], got {value!r}")
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
-        errors = []
         for arg in typing.get_args(tp):
             try:
                 return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0])
+            except ConfigError:
+                pass
+        expected = " or ".join(_expected(arg) for arg in typing.get_args(tp))
+        raise ConfigError(f"config key '{key}' must be {expected}, got {value!r}")
     if tp is type(None):
         if value is not None:
             raise ConfigError(f"config key '{key}' must be null")
@@ -195,6 +197,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
         return str(value)
     raise ConfigError(f"config key '{key}' has an unsupported type {tp}")
+
+
+def _expected(tp: Any) -> str:
+    """What a value of annotation ``tp`` looks like, for error lines."""
+    if typing.get_origin(tp) is Literal:
+        return "|".join(str(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return "a list"
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
+    return names.get(tp, str(tp))
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
@@ -286,7 +298,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config keys train.fid_every and fid.real must be >= 0 (0 = off / all)")
     if not cfg.loss.gaussian_std > 0:
         raise ConfigError(f"config key 'loss.gaussian_std' must be > 0, got {cfg.loss.gaussian_std}")
-    if cfg.data.num_workers < 0:
+    if cfg.data.num_workers != "auto" and cfg.data.num_workers < 0:
         raise ConfigError(f"config key 'data.num_workers' must be >= 0, got {cfg.data.num_workers}")
     if not cfg.data.shards:
         raise ConfigError(

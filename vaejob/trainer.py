@@ -34,6 +34,7 @@ from vaejob.cli import (
     error_line,
 )
 from vaejob.config import Config
+from vaejob.device import agree_across_ranks, resolve_auto, use_deterministic_algorithms
 from vaejob.ema import EMA
 from vaejob.fid import FidEvaluator, fid_settings
 from vaejob.figures import TrainingFigures, first_images
@@ -54,12 +55,12 @@ log = logging.getLogger(LOG_NAME)
 
 class Trainer:
     def __init__(self, cfg: Config, shards: ShardSet | None = None) -> None:
+        cfg, resolved = resolve_auto(cfg)  # `auto` values first: the Accelerator takes the precision
         self.cfg = cfg
         t = cfg.train
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
-        if t.deterministic:
-            torch.use_deterministic_algorithms(True)
+        use_deterministic_algorithms(t.deterministic)
         self.shards = shards or open_shards(cfg.data.shards, verify=cfg.data.verify)
         if self.shards.split("val").count == 0:  # validation, samples and figures all read it
             raise DataError(
@@ -71,6 +72,7 @@ class Trainer:
         )
         self.rank, self.world, self.device = self.acc.process_index, self.acc.num_processes, self.acc.device
         self.ranks = CpuGroup(self.world, timeout)
+        self.cfg = cfg = agree_across_ranks(cfg, resolved, self.ranks, announce=self.acc.is_main_process)
         self.image_shape = self.shards.image_shape
         self.run = RunDir(cfg.run.dir)
 
@@ -80,7 +82,7 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         self.model, self.opt = self.acc.prepare(model, build_optimizer(model, t))
         if t.compile:
-            self.model = torch.compile(self.model)
+            self.model = torch.compile(self.model, mode=None if t.compile is True else t.compile)
         self.train_loader = self._loader("train")
         self.val_loader = self._loader("val")
         self.checkpointer = Checkpointer(
@@ -114,7 +116,9 @@ class Trainer:
 
     @property
     def unwrapped(self) -> VAE:
-        return self.acc.unwrap_model(self.model)
+        # The plain module (evaluation and figures run it eagerly): accelerate's unwrap keeps torch.compile's
+        # wrapper and re-points that wrapper at the bare model, past DDP.
+        return self.acc.unwrap_model(getattr(self.model, "_orig_mod", self.model))
 
     @property
     def eval_model(self) -> VAE:
