@@ -18,6 +18,8 @@ import yaml
 
 from vaejob.cli import UserError
 
+MAX_IMAGE_SIZE = 8192  # as vaejob.shard --size
+
 
 class ConfigError(UserError, ValueError):
     """A bad config file, key or value; the message is one line for the user."""
@@ -29,6 +31,16 @@ class DataConfig:
     num_workers: int = 2  # loader worker processes per rank
     shuffle_buffer: int = 2000
     verify: bool = False  # sha256 every shard before training (slow on big sets)
+    # The images the model sees: image_size x image_size (0 = the shard set's own size; required for
+    # indexed sets whose images have many sizes), brought there by resize; channels 1 (grey) or 3 (RGB),
+    # 0 = the set's own.
+    image_size: int = 0
+    resize: Literal["center_crop", "resize", "pad"] = "center_crop"
+    channels: int = 0
+
+    def target(self) -> dict[str, Any]:
+        """The keyword arguments of ``open_shards`` that set the loader's image shape."""
+        return {"image_size": self.image_size, "channels": self.channels, "resize": self.resize}
 
 
 @dataclass
@@ -257,6 +269,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config keys loss.beta/free_bits/beta_warmup_steps must be >= 0")
     if not cfg.loss.gaussian_std > 0:
         raise ConfigError(f"config key 'loss.gaussian_std' must be > 0, got {cfg.loss.gaussian_std}")
+    if not 0 <= cfg.data.image_size <= MAX_IMAGE_SIZE:
+        raise ConfigError(
+            f"config key 'data.image_size' must be in [0, {MAX_IMAGE_SIZE}] pixels (0 = the shard set's own), "
+            f"got {cfg.data.image_size}"
+        )
+    if cfg.data.channels not in (0, 1, 3):
+        raise ConfigError(
+            f"config key 'data.channels' must be 0 (the set's own), 1 or 3, got {cfg.data.channels}"
+        )
     if cfg.data.num_workers < 0:
         raise ConfigError(f"config key 'data.num_workers' must be >= 0, got {cfg.data.num_workers}")
     if not cfg.data.shards:

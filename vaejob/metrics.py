@@ -256,6 +256,9 @@ class Validator:
         )
         if was_training:
             model.train()
+        skipped = int(
+            self.acc.reduce(torch.tensor(self.loader.last_epoch_skipped, device=self.acc.device), "sum")
+        )
         r = sums.result(model.image_shape, self.shards.label_names)
         record = {
             "step": step,
@@ -271,5 +274,7 @@ class Validator:
         for key in ("dead_hidden_units", "hidden_units"):
             if key in r:
                 record[key] = r[key]
+        if skipped:  # undecodable images of an indexed set: not in count, each good one counted once
+            record["skipped_samples"] = skipped
         record["time"] = time.time()
         return record

@@ -72,7 +72,7 @@ class Trainer:
             torch.set_num_threads(t.num_threads)
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
-        self.shards = shards or open_shards(cfg.data.shards, verify=cfg.data.verify)
+        self.shards = shards or open_shards(cfg.data.shards, verify=cfg.data.verify, **cfg.data.target())
         if self.shards.split("val").count == 0:  # validation, samples and figures all read it
             raise DataError(
                 f"the val split of {self.shards.root} is empty; re-create the shard set with --val-fraction > 0"
@@ -304,6 +304,15 @@ class Trainer:
         """Batches without end: each epoch of the loader, then the next one."""
         while True:
             yield from self.train_loader
+            self.log_skipped(self.train_loader.epoch - 1, self.train_loader.last_epoch_skipped)
+
+    def log_skipped(self, epoch: int, skipped: int) -> None:
+        """Collective (every rank ends an epoch at the same step): an indexed set's undecodable samples of
+        the epoch, all ranks, as one ``data`` record in metrics.jsonl and W&B, when there were any."""
+        total = sum(self.ranks.gather(skipped))
+        if total and self.acc.is_main_process:
+            self.tracker.log({"step": self.step, "split": "data", "epoch": epoch, "skipped_samples": total})
+            log.warning(f"epoch {epoch}: {total} sample(s) skipped (undecodable images); see the log above")
 
     def train_step(self, batch: Batch) -> tuple[LossOut, float, torch.Tensor | None]:
         t = self.cfg.train
@@ -388,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(cfg.to_yaml(), end="")
             return EXIT_OK
-        shards = open_shards(cfg.data.shards, verify=cfg.data.verify)  # fail fast, before models start
+        # Fail fast, before models start.
+        shards = open_shards(cfg.data.shards, verify=cfg.data.verify, **cfg.data.target())
         summary = run(cfg, shards)
     except (UserError, JobFailure) as e:
         return report(PROG, e)

@@ -30,6 +30,7 @@ from vaejob.shards.format import DataError, ShardSet
 from vaejob.shards.open import open_shards
 
 log = logging.getLogger(__name__)
+MAX_SKIP_WARNINGS = 10  # per epoch and rank: the count goes on, the log does not fill up
 
 
 class ShardLoader:
@@ -56,6 +57,9 @@ class ShardLoader:
         self.split = shards.split(split)
         self.train = split == "train"
         self.batch_size, self.seed, self.epoch, self.batch = batch_size, seed, epoch, 0
+        # Samples of an indexed set whose image could not be decoded: this epoch so far (part of the
+        # state, so a resumed epoch goes on counting) and the whole of the last finished epoch.
+        self.skipped = self.last_epoch_skipped = 0
         self.rank, self.world_size = rank, world_size
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
         self.raw, self.pin_memory, self.prefetch_factor = raw, pin_memory, prefetch_factor
@@ -69,7 +73,7 @@ class ShardLoader:
             streams=self.streams,
             shuffle_buffer=shuffle_buffer,
             with_keys=with_keys,
-            decoder=Decoder(shards.encoding, shards.image_shape),
+            decoder=Decoder.for_set(shards),
         )
         self._pool: WorkerPool | None = None
         if self.train and len(self) == 0:  # an empty val split just yields nothing
@@ -98,12 +102,13 @@ class ShardLoader:
         return num_batches(self.split.count, self.train, self.world_size, self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch, self.batch = int(epoch), 0
+        self.epoch, self.batch, self.skipped = int(epoch), 0, 0
 
     def state_dict(self) -> dict[str, int]:
         return {
             "epoch": self.epoch,
             "batch": self.batch,
+            "skipped": self.skipped,
             "world_size": self.world_size,
             "batch_size": self.batch_size,
             "seed": self.seed,
@@ -130,6 +135,7 @@ class ShardLoader:
                 world, self.world_size, bs, self.batch_size, workers, self.num_workers, self.epoch, batch,
             )  # fmt: skip
         self.batch = min(batch, len(self))
+        self.skipped = int(state.get("skipped", 0)) if self.batch else 0
 
     def __iter__(self) -> Iterator[Batch]:
         start = self.batch
@@ -145,6 +151,10 @@ class ShardLoader:
                     }
                     if self.with_keys:
                         out["key"] = batch["key"]
+                    for reason in batch["skipped"]:
+                        if self.skipped < MAX_SKIP_WARNINGS:
+                            log.warning("data: skipped a sample of %s: %s", self.split_name, reason)
+                        self.skipped += 1
                     self.batch += 1  # counted when the consumer receives it, not when prefetched
                     yield out
             except DataError as e:  # a worker's error arrives wrapped in a traceback: keep its message
@@ -161,6 +171,7 @@ class ShardLoader:
                 raise DataError(error)
         self.epoch += 1
         self.batch = 0
+        self.last_epoch_skipped, self.skipped = self.skipped, 0
 
     def _batches(self, start: int) -> Iterator[dict[str, Any]]:
         if self.num_workers == 0:  # the single stream, read in this process
