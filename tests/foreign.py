@@ -36,7 +36,7 @@ def picture(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
 def encode(arr: np.ndarray, mode: str, ext: str) -> bytes:
     img = Image.fromarray(arr)
     if mode == "I;16":
-        img = Image.fromarray((arr[..., 0].astype(np.uint16) * 257)).convert("I;16")
+        img = Image.fromarray(arr[..., 0].astype(np.uint16) * 257).convert("I;16")
     elif mode == "P":
         img = img.convert("P", palette=Image.Palette.ADAPTIVE)
     elif mode == "RGBA" or mode == "LA":
@@ -47,11 +47,17 @@ def encode(arr: np.ndarray, mode: str, ext: str) -> bytes:
     elif mode != "RGB":
         img = img.convert(mode)
     buf = io.BytesIO()
-    img.save(buf, format={"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}[ext], **({"quality": 90} if ext != "png" else {}))
+    img.save(
+        buf,
+        format={"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}[ext],
+        **({"quality": 90} if ext != "png" else {}),
+    )
     return buf.getvalue()
 
 
-def write_foreign_shards(out: Path, n: int = 60, per_shard: int = 20, seed: int = 0, bad: bool = True) -> dict[str, Any]:
+def write_foreign_shards(
+    out: Path, n: int = 60, per_shard: int = 20, seed: int = 0, bad: bool = True
+) -> dict[str, Any]:
     """img2dataset-style shards ``out/data-00000.tar ...``: ``KEY.jpg|png|webp`` + ``.cls`` + ``.txt`` +
     ``.json``, images of mixed sizes and modes, keys with slashes and dots in their directories. With
     ``bad``: one truncated JPEG, one ``.jpg`` that is text, one sample with no image, one 5x7 image.
@@ -70,7 +76,12 @@ def write_foreign_shards(out: Path, n: int = 60, per_shard: int = 20, seed: int 
             if bad and k == 7:
                 w, h = 5, 7  # smaller than any crop: up-scaled
             data = encode(picture(rng, w, h), mode, ext)
-            sample: dict[str, Any] = {"__key__": key, "cls": str(k % 3), "txt": f"caption {k}", "json": {"k": k}}
+            sample: dict[str, Any] = {
+                "__key__": key,
+                "cls": str(k % 3),
+                "txt": f"caption {k}",
+                "json": {"k": k},
+            }
             if bad and k == 11:
                 ext, data = "jpg", encode(picture(rng, w, h), "RGB", "jpg")
                 data = data[: len(data) // 2]  # truncated

@@ -77,3 +77,16 @@ def test_data_throughput_quick(tmp_path):
     for peer in ("imagefolder", "webdataset"):  # the two ratios the README's loader table quotes
         m = re.search(rf"^vaejob-npy / {peer}: ([0-9.]+)x img/s", cp.stdout, re.M)
         assert m and float(m.group(1)) > 0, cp.stdout
+
+
+def test_decode_throughput_quick(tmp_path):
+    cp = _bench(
+        ["benchmarks/decode_throughput.py", "--num", "200", "--repeats", "1", "--dir", str(tmp_path)], 300
+    )
+    rows = dict(
+        re.findall(r"^(pil|pil-draft-1x|pil-draft-2x|torchvision-cpu)\s+([0-9,]+)\s", cp.stdout, re.M)
+    )
+    assert sorted(rows) == ["pil", "pil-draft-1x", "pil-draft-2x", "torchvision-cpu"], cp.stdout
+    assert "vaejob's codec uses pil-draft-2x" in cp.stdout
+    m = re.search(r"^vaejob / webdataset on JPEG shards: ([0-9.]+)x img/s", cp.stdout, re.M)
+    assert m and float(m.group(1)) > 0, cp.stdout  # the ratio the README quotes

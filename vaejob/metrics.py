@@ -256,9 +256,10 @@ class Validator:
         )
         if was_training:
             model.train()
-        skipped = int(
-            self.acc.reduce(torch.tensor(self.loader.last_epoch_skipped, device=self.acc.device), "sum")
-        )
+        skipped = 0
+        if self.shards.indexed:  # undecodable images of foreign tars (vaejob's own sets stop on one)
+            mine = torch.tensor(self.loader.last_epoch_skipped, device=self.acc.device)
+            skipped = int(self.acc.reduce(mine, reduction="sum"))
         r = sums.result(model.image_shape, self.shards.label_names)
         record = {
             "step": step,

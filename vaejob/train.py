@@ -268,6 +268,10 @@ class Trainer:
         while self.step < max_steps:
             out, lr, grad_norm = self.train_step(next(batches))
             self.step += 1
+            if self.shards.indexed and self.train_loader.batch == len(
+                self.train_loader
+            ):  # epoch end, all ranks
+                self.log_skipped(self.train_loader.epoch, self.train_loader.skipped)
             final = self.step == max_steps
             self.log.add(out.loss, out.recon, out.kl, images=len(out.recon) * self.world)
             if self.log.due(self.step) or final:
@@ -304,7 +308,6 @@ class Trainer:
         """Batches without end: each epoch of the loader, then the next one."""
         while True:
             yield from self.train_loader
-            self.log_skipped(self.train_loader.epoch - 1, self.train_loader.last_epoch_skipped)
 
     def log_skipped(self, epoch: int, skipped: int) -> None:
         """Collective (every rank ends an epoch at the same step): an indexed set's undecodable samples of

@@ -55,6 +55,7 @@ def collate(
         url, key, members = s
         try:
             images[i] = decoder.image(url, key, members).transpose(2, 0, 1)
+            labels[i] = _label(url, key, members)
         except BadImage as e:
             if not decoder.tolerant:
                 raise
@@ -62,12 +63,6 @@ def collate(
             keys.append("")
             skipped.append(str(e))
             continue
-        cls = members.get("cls")
-        if cls is not None:
-            try:
-                labels[i] = int(cls)
-            except ValueError:
-                raise DataError(f"{key}.cls in {url} is not an integer; re-create the shard set") from None
         valid[i] = True
         keys.append(key)
     if skipped and fill and valid.any():
@@ -79,6 +74,16 @@ def collate(
     if with_keys:
         batch["key"] = keys
     return batch
+
+
+def _label(url: str, key: str, members: dict[str, bytes]) -> int:
+    cls = members.get("cls")
+    if cls is None:
+        return -1
+    try:
+        return int(cls)
+    except ValueError:
+        raise BadImage(f"{key}.cls in {url} is not an integer; re-create the shard set") from None
 
 
 def run_stream(

@@ -193,6 +193,8 @@ class Decoder:
                     if im.format == "JPEG":
                         im.draft(im.mode, (DRAFT_OVERSAMPLE * w, DRAFT_OVERSAMPLE * h))
                     arr = self._finish(fit_image(to_mode(im, c), w, self.resize))
+        except Image.UnidentifiedImageError:
+            raise BadImage(f"{key}.{ext} in {url} is not an image (no decoder knows it)") from None
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             raise BadImage(f"cannot decode {key}.{ext} in {url} ({e}); re-create the shard set") from None
         if arr.shape[:2] != (h, w):

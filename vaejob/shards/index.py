@@ -145,7 +145,7 @@ def scan_shard(url: str) -> dict[str, Any]:
                 iter_samples(TarStream(f, url), url, 0, None, None, _WANTED)
             ):
                 total = index + 1
-                where = f"{url}#{key}"
+                where = key
                 ext = next((e for e in IMAGE_EXTS if e in members), None)
                 if ext is None:
                     skipped.append({"path": where, "reason": f"no image member ({'/'.join(IMAGE_EXTS)})"})
@@ -153,7 +153,9 @@ def scan_shard(url: str) -> dict[str, Any]:
                 try:
                     w, h, mode = check_image(members[ext])
                 except Image.UnidentifiedImageError:
-                    skipped.append({"path": where, "reason": f"{key}.{ext}: not an image (no decoder knows it)"})
+                    skipped.append(
+                        {"path": where, "reason": f"{key}.{ext}: not an image (no decoder knows it)"}
+                    )
                     continue
                 except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                     reason = re.sub(r" at 0x[0-9a-f]+", "", error_line(e))  # no addresses: deterministic
@@ -256,8 +258,8 @@ def build_index(
             splits[split].append(entry)
     good = [g for r in results for g in r["good"]]
     if not splits["train"]:
-        first = next((s for r in results for s in r["skipped"]), None)
-        why = f" (first skipped: {first['path']}: {first['reason']})" if first else ""
+        first = next(((r["url"], s) for r in results for s in r["skipped"]), None)
+        why = f" (first skipped: {first[0]}#{first[1]['path']}: {first[1]['reason']})" if first else ""
         raise UsageError(
             f"--index {spec}: no usable train image among {sum(r['total'] for r in results)} samples{why}; "
             "check the tars, or lower --val-fraction / change --val-shards"
@@ -277,7 +279,11 @@ def build_index(
         splits=splits,
         args={"index": spec, "val_fraction": None if patterns else fraction, "val_shards": val_shards},
         label_names=names,
-        skipped=[s for r in results for s in r["skipped"]],
+        skipped=[
+            {"path": f"{relative_name(r['url'], out)}#{s['path']}", "reason": s["reason"]}
+            for r in results
+            for s in r["skipped"]
+        ],
         extra={"images": stats},
     )
 

@@ -70,12 +70,16 @@ def _load(datasets: Any, target: str, split: str | None) -> Any:
         raise SourceError(f"hf:{target}: cannot load it ({type(e).__name__}: {text})") from None
 
 
+def _named(ds: Any, wanted: str, target: str) -> str:
+    if wanted not in ds.column_names:
+        raise SourceError(f"hf:{target} has no column {wanted!r} (columns: {', '.join(ds.column_names)})")
+    return wanted
+
+
 def _image_column(datasets: Any, ds: Any, wanted: str | None, target: str) -> str:
-    columns = list(ds.column_names)
     if wanted is not None:
-        if wanted not in columns:
-            raise SourceError(f"hf:{target} has no column {wanted!r} (columns: {', '.join(columns)})")
-        return wanted
+        return _named(ds, wanted, target)
+    columns = list(ds.column_names)
     images = [c for c in columns if isinstance(ds.features[c], datasets.Image)]
     if images:
         return images[0]
@@ -85,11 +89,9 @@ def _image_column(datasets: Any, ds: Any, wanted: str | None, target: str) -> st
 
 
 def _label_column(datasets: Any, ds: Any, wanted: str | None, target: str) -> str | None:
-    columns = list(ds.column_names)
     if wanted is not None:
-        if wanted not in columns:
-            raise SourceError(f"hf:{target} has no column {wanted!r} (columns: {', '.join(columns)})")
-        return wanted
+        return _named(ds, wanted, target)
+    columns = list(ds.column_names)
     classes = [c for c in columns if isinstance(ds.features[c], datasets.ClassLabel)]
     return classes[0] if classes else ("label" if "label" in columns else None)
 
