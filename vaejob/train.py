@@ -268,10 +268,8 @@ class Trainer:
         while self.step < max_steps:
             out, lr, grad_norm = self.train_step(next(batches))
             self.step += 1
-            if self.shards.indexed and self.train_loader.batch == len(
-                self.train_loader
-            ):  # epoch end, all ranks
-                self.log_skipped(self.train_loader.epoch, self.train_loader.skipped)
+            if self.shards.indexed and self.train_loader.batch == len(self.train_loader):
+                self.log.epoch_skips(self.step, self.train_loader.epoch, self.train_loader.skipped)
             final = self.step == max_steps
             self.log.add(out.loss, out.recon, out.kl, images=len(out.recon) * self.world)
             if self.log.due(self.step) or final:
@@ -308,14 +306,6 @@ class Trainer:
         """Batches without end: each epoch of the loader, then the next one."""
         while True:
             yield from self.train_loader
-
-    def log_skipped(self, epoch: int, skipped: int) -> None:
-        """Collective (every rank ends an epoch at the same step): an indexed set's undecodable samples of
-        the epoch, all ranks, as one ``data`` record in metrics.jsonl and W&B, when there were any."""
-        total = sum(self.ranks.gather(skipped))
-        if total and self.acc.is_main_process:
-            self.tracker.log({"step": self.step, "split": "data", "epoch": epoch, "skipped_samples": total})
-            log.warning(f"epoch {epoch}: {total} sample(s) skipped (undecodable images); see the log above")
 
     def train_step(self, batch: Batch) -> tuple[LossOut, float, torch.Tensor | None]:
         t = self.cfg.train
@@ -400,8 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(cfg.to_yaml(), end="")
             return EXIT_OK
-        # Fail fast, before models start.
-        shards = open_shards(cfg.data.shards, verify=cfg.data.verify, **cfg.data.target())
+        shards = open_shards(cfg.data.shards, verify=cfg.data.verify, **cfg.data.target())  # fail fast
         summary = run(cfg, shards)
     except (UserError, JobFailure) as e:
         return report(PROG, e)
