@@ -16,10 +16,10 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "setup: creating $VENV"
   python3 -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c "import vaejob, torch, torchvision, accelerate, webdataset, wandb, submitit, pytest, datasets" 2>/dev/null; then
+if ! "$VENV/bin/python" -c "import vaejob, torch, torchvision, accelerate, webdataset, wandb, submitit, pytest, datasets, s3fs, moto" 2>/dev/null; then
   echo "setup: installing vaejob and its dependencies into $VENV (torch is large: a few minutes)"
   "$VENV/bin/pip" install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
-  "$VENV/bin/pip" install -q -e ".[dev,hf]" 2>&1 | grep -vE "is ignored|^$" || true
-  "$VENV/bin/python" -c "import vaejob, torch, torchvision, accelerate, webdataset, wandb, submitit, datasets"
+  "$VENV/bin/pip" install -q -e ".[dev,hf,s3]" 2>&1 | grep -vE "is ignored|^$" || true
+  "$VENV/bin/python" -c "import vaejob, torch, torchvision, accelerate, webdataset, wandb, submitit, datasets, s3fs, moto"
 fi
 echo "setup: ok ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'), venv $VENV)"

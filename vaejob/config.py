@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
+from vaejob import storage
 from vaejob.cli import UserError
 
 MAX_IMAGE_SIZE = 8192  # as vaejob.shard --size
@@ -37,6 +38,10 @@ class DataConfig:
     image_size: int = 0
     resize: Literal["center_crop", "resize", "pad"] = "center_crop"
     channels: int = 0
+    # Object-store reads and writes (data.shards / samples.root URLs): retries of a failed request, waiting
+    # io_backoff_s * 2**k before retry k (defaults: 5 retries over 31 s), then the job fails with one line.
+    io_retries: int = 5
+    io_backoff_s: float = 1.0
 
     def target(self) -> dict[str, Any]:
         """The keyword arguments of ``open_shards`` that set the loader's image shape."""
@@ -280,6 +285,13 @@ def validate(cfg: Config) -> None:
         )
     if cfg.data.num_workers < 0:
         raise ConfigError(f"config key 'data.num_workers' must be >= 0, got {cfg.data.num_workers}")
+    if cfg.data.io_retries < 0 or not cfg.data.io_backoff_s >= 0:
+        raise ConfigError("config keys data.io_retries / data.io_backoff_s must be >= 0")
+    if "://" in cfg.run.dir and not cfg.run.dir.startswith("file://"):
+        raise ConfigError(
+            f"config key 'run.dir' is {cfg.run.dir!r}: checkpoints, status and the lease need a local or shared "
+            "filesystem path (samples.root may be a URL)"
+        )
     if not cfg.data.shards:
         raise ConfigError(
             "config key 'data.shards' is empty; point it at a shard set (python -m vaejob.shard)"
@@ -289,6 +301,15 @@ def validate(cfg: Config) -> None:
     for key in ("collective_timeout_s", "lease_timeout_s"):
         if not getattr(cfg.run, key) > 0:
             raise ConfigError(f"config key 'run.{key}' must be > 0 seconds, got {getattr(cfg.run, key)}")
+
+
+def prepare_storage(cfg: Config, locations: dict[str, str]) -> None:
+    """Before a job touches object storage: its retry policy (``data.io_*``) for every later request, and one
+    line for a missing bucket, wrong credentials or an unreachable endpoint of each ``{what: url}``."""
+    storage.configure(retries=cfg.data.io_retries, backoff_s=cfg.data.io_backoff_s)
+    for what, url in locations.items():
+        if url:
+            storage.check_access(url, what)
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -38,7 +38,7 @@ from vaejob.cli import (
     run_parser,
     setup_logging,
 )
-from vaejob.config import Config
+from vaejob.config import Config, prepare_storage
 from vaejob.loader import Batch, make_loader
 from vaejob.metrics import IW_CHUNK, KeyedNoise, elbo_pass, iw_log_px
 from vaejob.model import VAE
@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _prepare(args: argparse.Namespace) -> tuple[VAE, Config, int, str, ShardSet]:
     """Everything that can fail on user input, before any process group or device work."""
     # Another set is brought to the shape the run trained on (its data.image_size / resize / channels).
+    if args.shards:
+        storage.check_access(args.shards, "--shards")
     eval_shards = open_shards(args.shards, **run_target(args.run)) if args.shards else None
     try:
         model, cfg, step, ckpt = load_model(args.run, args.checkpoint)
@@ -174,6 +176,7 @@ def _prepare(args: argparse.Namespace) -> tuple[VAE, Config, int, str, ShardSet]
             raise
         # The training shards may be gone: the strict weight load still catches most size mismatches.
         model, cfg, step, ckpt = load_model(args.run, args.checkpoint, eval_shards.image_shape)
+    prepare_storage(cfg, {})  # the run's retry policy for what follows
     shards = eval_shards or open_shards(cfg.data.shards, **cfg.data.target())
     if shards.image_shape != model.image_shape:
         c, h, w = shards.image_shape

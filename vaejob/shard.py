@@ -43,7 +43,8 @@ MAX_SIZE = 8192
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog="vaejob-shard",
-        description="Write a WebDataset shard set (train-*.tar, val-*.tar, manifest.json) into a LOCAL directory.",
+        description="Write a WebDataset shard set (train-*.tar, val-*.tar, manifest.json) into a directory or "
+        "an object store (s3://...), or index existing WebDataset tars in place (--index).",
         epilog=(
             f"Sources: {SPEC_HELP}. fashion-mnist/mnist read the IDX files (.gz or not; defaults "
             "/usr/share/datasets/<name>); cifar10 reads the official python pickle batches (trusted files only). "
@@ -61,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--out",
-        help="output directory (default shards/<source-name>; with --index: beside the tars; may be a URL)",
+        help="output directory or fsspec URL, e.g. s3://bucket/set (default shards/<source-name>; with --index: "
+        "beside the tars)",
     )
     p.add_argument(
         "--val-shards",
@@ -252,12 +254,10 @@ def _run(argv: list[str] | None) -> int:
     _check_memory(settings.size, args.workers, len(tasks))
 
     # Everything is validated: from here on we write.
-    own = (
-        [n for s, i, _ in tasks for n in (shard_name(s, i), shard_name(s, i) + ".tmp")] if task_mode else None
-    )
+    own = [shard_name(s, i) for s, i, _ in tasks] if task_mode else None
     if args.overwrite or task_mode:
         clear_out(out, own, args.task_index)
-    os.makedirs(out, exist_ok=True)
+    storage.makedirs(out)
     start = time.perf_counter()
     results = write_shards(source, settings, out, tasks, args.workers)
     rate = sum(len(t[2]) for t in tasks) / max(time.perf_counter() - start, 1e-9)

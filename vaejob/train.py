@@ -44,7 +44,7 @@ from vaejob.cli import (
     report,
     setup_logging,
 )
-from vaejob.config import Config, load_config
+from vaejob.config import Config, load_config, prepare_storage
 from vaejob.figures import TrainingFigures, first_images
 from vaejob.lease import Lease, RunDirLost, hold
 from vaejob.loader import Batch, ShardLoader, make_loader, unit_float
@@ -72,6 +72,8 @@ class Trainer:
             torch.set_num_threads(t.num_threads)
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
+        if shards is None:
+            prepare_storage(cfg, {"data.shards": cfg.data.shards, "samples.root": cfg.samples.root})
         self.shards = shards or open_shards(cfg.data.shards, verify=cfg.data.verify, **cfg.data.target())
         if self.shards.split("val").count == 0:  # validation, samples and figures all read it
             raise DataError(
@@ -390,7 +392,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(cfg.to_yaml(), end="")
             return EXIT_OK
-        shards = open_shards(cfg.data.shards, verify=cfg.data.verify, **cfg.data.target())  # fail fast
+        # Fail fast, before models start.
+        prepare_storage(cfg, {"data.shards": cfg.data.shards, "samples.root": cfg.samples.root})
+        shards = open_shards(cfg.data.shards, verify=cfg.data.verify, **cfg.data.target())
         summary = run(cfg, shards)
     except (UserError, JobFailure) as e:
         return report(PROG, e)

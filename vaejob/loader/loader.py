@@ -28,6 +28,7 @@ from vaejob.loader.workers import EpochDataset, StreamSpec, WorkerPool
 from vaejob.shards.codec import Decoder
 from vaejob.shards.format import DataError, ShardSet
 from vaejob.shards.open import open_shards
+from vaejob.storage import StorageError
 
 log = logging.getLogger(__name__)
 MAX_SKIP_WARNINGS = 10  # per epoch and rank: the count goes on, the log does not fill up
@@ -157,8 +158,8 @@ class ShardLoader:
                         self.skipped += 1
                     self.batch += 1  # counted when the consumer receives it, not when prefetched
                     yield out
-            except DataError as e:  # a worker's error arrives wrapped in a traceback: keep its message
-                error = _last_line(str(e))
+            except (DataError, StorageError) as e:  # a worker's error arrives with a traceback: keep its line
+                error = type(e)(_last_line(e))
             except GeneratorExit:  # the consumer stopped mid-epoch: the workers wait for the next iter()
                 raise
             except BaseException:
@@ -168,7 +169,7 @@ class ShardLoader:
                 batches.close()  # releases the ring's slots at once, even when the consumer stopped early
             if error is not None:
                 self.close()
-                raise DataError(error)
+                raise error
         self.epoch += 1
         self.batch = 0
         self.last_epoch_skipped, self.skipped = self.skipped, 0
@@ -205,10 +206,13 @@ class ShardLoader:
         self.close()
 
 
-def _last_line(message: str) -> str:
-    line = [ln for ln in message.strip().splitlines() if ln.strip()][-1].strip()
-    prefix = f"{DataError.__module__}.{DataError.__name__}: "
-    return line[len(prefix) :] if line.startswith(prefix) else line
+def _last_line(e: BaseException) -> str:
+    line = [ln for ln in str(e).strip().splitlines() if ln.strip()][-1].strip()
+    for cls in type(e).__mro__:  # the worker's traceback ends in "module.Class: message"
+        prefix = f"{cls.__module__}.{cls.__qualname__}: "
+        if line.startswith(prefix):
+            return line[len(prefix) :]
+    return line
 
 
 def _dist_defaults(rank: int | None, world_size: int | None) -> tuple[int, int]:

@@ -23,7 +23,6 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import IO, Any
 
 import braceexpand
-import fsspec
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
@@ -50,18 +49,10 @@ def expand(spec: str) -> list[str]:
     if "{" in spec or spec.endswith(".tar"):
         return list(braceexpand.braceexpand(spec))
     root = spec.rstrip("/") or spec
-    try:
-        if storage.is_url(root):
-            fs, path = fsspec.core.url_to_fs(root)
-            protocol = root.split("://", 1)[0]
-            names = [str(e).rsplit("/", 1)[-1] for e in fs.ls(path, detail=False)]
-            found = [f"{protocol}://{path.rstrip('/')}/{n}" for n in sorted(names) if n.endswith(".tar")]
-        else:
-            found = [os.path.join(root, n) for n in sorted(os.listdir(root)) if n.endswith(".tar")]
-    except (OSError, NotImplementedError) as e:
-        raise UsageError(
-            f"--index {spec}: cannot list it ({error_line(e)}); pass a directory or a pattern"
-        ) from None
+    if not storage.is_url(root) and not os.path.isdir(root):
+        raise UsageError(f"--index {spec}: no such directory; pass the directory of your shards or a pattern")
+    names = sorted(n for n, size in storage.listdir(root).items() if size is not None and n.endswith(".tar"))
+    found = [storage.join(root, n) for n in names]
     if not found:
         raise UsageError(
             f"--index {spec}: no .tar files in it; pass the directory of your shards or a pattern"

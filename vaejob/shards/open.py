@@ -12,7 +12,6 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import braceexpand
-import fsspec
 
 from vaejob import storage
 from vaejob.shards.codec import BadImage, Decoder
@@ -52,31 +51,17 @@ def resolve_spec(spec: str) -> tuple[str, list[str] | None]:
 
 
 def _listing(urls: list[str]) -> dict[str, int]:
-    """Sizes of the shards that exist, by URL (one listing request per directory on object stores)."""
+    """Sizes of the shards that exist, by URL (one listing request per directory)."""
     sizes: dict[str, int] = {}
     by_dir: dict[str, list[str]] = {}
     for url in dict.fromkeys(urls):
         by_dir.setdefault(storage.dirname(url), []).append(url)
     for folder, members in by_dir.items():
-        if storage.is_url(folder):
-            try:
-                fs, path = fsspec.core.url_to_fs(folder)
-                listed = {
-                    str(e["name"]).rstrip("/").rsplit("/", 1)[-1]: int(e["size"] or 0)
-                    for e in fs.ls(path, detail=True)
-                }
-                for url in members:
-                    name = url.rstrip("/").rsplit("/", 1)[-1]
-                    if name in listed:
-                        sizes[url] = listed[name]
-                continue
-            except (OSError, NotImplementedError):
-                pass  # fall back to one request per shard
+        listed = storage.listdir(folder)
         for url in members:
-            try:
-                sizes[url] = storage.size(url)
-            except OSError:
-                pass
+            size = listed.get(url.rstrip("/").rsplit("/", 1)[-1])
+            if size is not None:
+                sizes[url] = size
     return sizes
 
 
