@@ -311,7 +311,7 @@ def test_the_endpoint_going_away_mid_epoch_fails_in_one_line_after_bounded_retri
     assert status["state"] == "failed" and "storage failed" in status["reason"]
     newest = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
     assert verify(str(newest)) is None  # the last checkpoint is intact
-    print(f"endpoint gone: the job ended {took:.1f} s after the server stopped")
+    print(f"endpoint gone: the job ended {took:.1f} s after the server stopped; its last line:\n{last}")
 
 
 def test_object_store_writes_go_to_the_final_key_and_a_failed_write_leaves_nothing(s3) -> None:

@@ -24,6 +24,7 @@ import os
 import posixpath
 import queue
 import re
+import shutil
 import tempfile
 import threading
 import time
@@ -195,8 +196,6 @@ def remove(path: str) -> None:
         return
     path = local_path(path)
     if os.path.isdir(path) and not os.path.islink(path):
-        import shutil
-
         shutil.rmtree(path)
     elif os.path.lexists(path):
         os.unlink(path)
