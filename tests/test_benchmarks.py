@@ -132,3 +132,38 @@ def test_gpu_check_sections_run_on_the_cpu(tmp_path):
         assert "time to quality, configs/fashion_mnist.yaml on 1 device(s), 64 images a step" in cp.stdout
     for table in ("config            variant", "loader, uint8 batches of 256"):
         assert table in cp.stdout, cp.stdout[-3000:]
+
+
+def test_decode_throughput_quick(tmp_path):
+    cp = _bench(
+        [
+            "benchmarks/decode_throughput.py",
+            "--num",
+            "200",
+            "--batch-size",
+            "32",
+            "--repeats",
+            "1",
+            "--dir",
+            str(tmp_path),
+        ],
+        300,
+    )
+    rows = dict(
+        re.findall(r"^(pil|pil-draft-1x|pil-draft-2x|torchvision-cpu)\s+([0-9,]+)\s", cp.stdout, re.M)
+    )
+    assert sorted(rows) == ["pil", "pil-draft-1x", "pil-draft-2x", "torchvision-cpu"], cp.stdout
+    assert "vaejob's codec uses pil-draft-2x" in cp.stdout
+    m = re.search(r"^vaejob / webdataset on JPEG shards: ([0-9.]+)x img/s", cp.stdout, re.M)
+    assert m and float(m.group(1)) > 0, cp.stdout  # the ratio the README quotes
+
+
+def test_storage_throughput_quick():
+    pytest.importorskip("moto", reason="the dev extra's moto[server] runs the S3 endpoint")
+    cp = _bench(["benchmarks/storage_throughput.py", "--num", "1000", "--repeats", "1"], 300)
+    rows = dict(re.findall(r"^(local|s3|s3-fsspec)\s+([0-9,]+)\s", cp.stdout, re.M))
+    assert sorted(rows) == ["local", "s3", "s3-fsspec"] and all(
+        int(v.replace(",", "")) > 0 for v in rows.values()
+    )
+    m = re.search(r"^s3 / local: ([0-9.]+)x img/s", cp.stdout, re.M)
+    assert m and float(m.group(1)) > 0, cp.stdout  # the ratio the README quotes

@@ -184,6 +184,7 @@ def test_resume_continues_the_epoch_exactly(tiny_shards: str) -> None:
         assert state == {
             "epoch": 2,
             "batch": k,
+            "skipped": 0,
             "world_size": 2,
             "batch_size": 8,
             "seed": 1,

@@ -15,7 +15,7 @@ LAYOUTS = list(itertools.product((1, 2, 3), (1, 2, 3), (1, 2, 4)))  # world, str
 
 def samples_of(stream: Stream) -> list[tuple[str, int] | None]:
     """The stream's samples in reading order (no shuffle buffer), val padding as None."""
-    real = [(url, i) for url, a, b, _ in stream.segments for i in range(a, b)]
+    real = [(url, i) for url, a, b, *_ in stream.segments for i in range(a, b)]
     return real + [None] * stream.pad
 
 

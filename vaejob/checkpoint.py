@@ -290,6 +290,15 @@ class LoadedRun(NamedTuple):
     weights: str  # "ema" or "raw": which of the checkpoint's weights the model holds
 
 
+def run_target(run_dir: str) -> dict[str, Any]:
+    """The image shape a run trained with, as ``open_shards`` keywords (defaults when its config is
+    unreadable: ``load_model`` then reports that)."""
+    try:
+        return load_config(RunDir(run_dir).config).data.target()
+    except (ConfigError, OSError):
+        return {}
+
+
 def load_model(
     run_dir: str,
     checkpoint: str | None = None,
@@ -340,7 +349,7 @@ def load_model(
         )
     if image_shape is None:
         try:
-            image_shape = open_shards(cfg.data.shards).image_shape
+            image_shape = open_shards(cfg.data.shards, **cfg.data.target()).image_shape
         except DataError as e:
             raise CheckpointError(f"cannot read the run's image shape from data.shards: {e}") from None
     try:

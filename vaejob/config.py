@@ -16,7 +16,10 @@ from typing import Any, Literal
 
 import yaml
 
+from vaejob import storage
 from vaejob.cli import UserError
+
+MAX_IMAGE_SIZE = 8192  # as vaejob.shard --size
 
 
 class ConfigError(UserError, ValueError):
@@ -29,6 +32,20 @@ class DataConfig:
     num_workers: int | Literal["auto"] = "auto"  # loader worker processes per rank (auto: vaejob.device)
     shuffle_buffer: int = 2000
     verify: bool = False  # sha256 every shard before training (slow on big sets)
+    # The images the model sees: image_size x image_size (0 = the shard set's own size; required for
+    # indexed sets whose images have many sizes), brought there by resize; channels 1 (grey) or 3 (RGB),
+    # 0 = the set's own.
+    image_size: int = 0
+    resize: Literal["center_crop", "resize", "pad"] = "center_crop"
+    channels: int = 0
+    # Object-store reads and writes (data.shards / samples.root URLs): retries of a failed request, waiting
+    # io_backoff_s * 2**k before retry k (defaults: 5 retries over 31 s), then the job fails with one line.
+    io_retries: int = 5
+    io_backoff_s: float = 1.0
+
+    def target(self) -> dict[str, Any]:
+        """The keyword arguments of ``open_shards`` that set the loader's image shape."""
+        return {"image_size": self.image_size, "channels": self.channels, "resize": self.resize}
 
 
 @dataclass
@@ -298,8 +315,24 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config keys train.fid_every and fid.real must be >= 0 (0 = off / all)")
     if not cfg.loss.gaussian_std > 0:
         raise ConfigError(f"config key 'loss.gaussian_std' must be > 0, got {cfg.loss.gaussian_std}")
+    if not 0 <= cfg.data.image_size <= MAX_IMAGE_SIZE:
+        raise ConfigError(
+            f"config key 'data.image_size' must be in [0, {MAX_IMAGE_SIZE}] pixels (0 = the shard set's own), "
+            f"got {cfg.data.image_size}"
+        )
+    if cfg.data.channels not in (0, 1, 3):
+        raise ConfigError(
+            f"config key 'data.channels' must be 0 (the set's own), 1 or 3, got {cfg.data.channels}"
+        )
     if cfg.data.num_workers != "auto" and cfg.data.num_workers < 0:
         raise ConfigError(f"config key 'data.num_workers' must be >= 0, got {cfg.data.num_workers}")
+    if cfg.data.io_retries < 0 or not cfg.data.io_backoff_s >= 0:
+        raise ConfigError("config keys data.io_retries / data.io_backoff_s must be >= 0")
+    if "://" in cfg.run.dir and not cfg.run.dir.startswith("file://"):
+        raise ConfigError(
+            f"config key 'run.dir' is {cfg.run.dir!r}: checkpoints, status and the lease need a local or shared "
+            "filesystem path (samples.root may be a URL)"
+        )
     if not cfg.data.shards:
         raise ConfigError(
             "config key 'data.shards' is empty; point it at a shard set (python -m vaejob.shard)"
@@ -309,6 +342,15 @@ def validate(cfg: Config) -> None:
     for key in ("collective_timeout_s", "lease_timeout_s"):
         if not getattr(cfg.run, key) > 0:
             raise ConfigError(f"config key 'run.{key}' must be > 0 seconds, got {getattr(cfg.run, key)}")
+
+
+def prepare_storage(cfg: Config, locations: dict[str, str]) -> None:
+    """Before a job touches object storage: its retry policy (``data.io_*``) for every later request, and one
+    line for a missing bucket, wrong credentials or an unreachable endpoint of each ``{what: url}``."""
+    storage.configure(retries=cfg.data.io_retries, backoff_s=cfg.data.io_backoff_s)
+    for what, url in locations.items():
+        if url:
+            storage.check_access(url, what)
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

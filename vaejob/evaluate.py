@@ -27,7 +27,7 @@ from accelerate import Accelerator
 from torch import Tensor
 
 from vaejob import figures, plots, storage
-from vaejob.checkpoint import load_model
+from vaejob.checkpoint import load_model, run_target
 from vaejob.cli import (
     EXIT_OK,
     LOG_NAME,
@@ -38,7 +38,7 @@ from vaejob.cli import (
     run_parser,
     setup_logging,
 )
-from vaejob.config import Config
+from vaejob.config import Config, prepare_storage
 from vaejob.fid import NETWORKS, FidEvaluator, fid_settings
 from vaejob.loader import Batch, make_loader
 from vaejob.metrics import IW_CHUNK, KeyedNoise, elbo_pass, iw_log_px
@@ -181,7 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _prepare(args: argparse.Namespace) -> tuple[VAE, Config, int, str, ShardSet]:
     """Everything that can fail on user input, before any process group or device work."""
-    eval_shards = open_shards(args.shards) if args.shards else None
+    # Another set is brought to the shape the run trained on (its data.image_size / resize / channels).
+    if args.shards:
+        storage.check_access(args.shards, "--shards")
+    eval_shards = open_shards(args.shards, **run_target(args.run)) if args.shards else None
     try:
         model, cfg, step, ckpt, weights = load_model(args.run, args.checkpoint, weights=args.weights)
     except UserError:
@@ -191,13 +194,14 @@ def _prepare(args: argparse.Namespace) -> tuple[VAE, Config, int, str, ShardSet]
         model, cfg, step, ckpt, weights = load_model(
             args.run, args.checkpoint, eval_shards.image_shape, args.weights
         )
-    shards = eval_shards or open_shards(cfg.data.shards)
+    prepare_storage(cfg, {})  # the run's retry policy for what follows
+    shards = eval_shards or open_shards(cfg.data.shards, **cfg.data.target())
     if shards.image_shape != model.image_shape:
         c, h, w = shards.image_shape
         mc, mh, mw = model.image_shape
         raise UsageError(
             f"--shards {shards.root} holds {c}x{h}x{w} images but the model was trained on {mc}x{mh}x{mw}; "
-            "shard the evaluation set with the same --size and --channels"
+            "shard the evaluation set with the same --size and --channels (or index it: data.image_size applies)"
         )
     if args.split == "train":
         raise UsageError("--split train is read shuffled with a dropped remainder; evaluate val or test")

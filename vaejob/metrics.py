@@ -261,6 +261,10 @@ class Validator:
         )
         if was_training:
             model.train()
+        skipped = 0
+        if self.shards.indexed:  # undecodable images of foreign tars (vaejob's own sets stop on one)
+            mine = torch.tensor(self.loader.last_epoch_skipped, device=self.acc.device)
+            skipped = int(self.acc.reduce(mine, reduction="sum"))
         r = sums.result(model.image_shape, self.shards.label_names, model.likelihood.discrete)
         record = {
             "step": step,
@@ -277,5 +281,7 @@ class Validator:
         for key in ("dead_hidden_units", "hidden_units"):
             if key in r:
                 record[key] = r[key]
+        if skipped:  # undecodable images of an indexed set: not in count, each good one counted once
+            record["skipped_samples"] = skipped
         record["time"] = time.time()
         return record

@@ -18,13 +18,11 @@ import io
 import logging
 import math
 import os
-import posixpath
 import re
 import sys
 import time
 from typing import Any
 
-import fsspec
 import torch
 from accelerate import Accelerator
 from tqdm import tqdm
@@ -42,6 +40,7 @@ from vaejob.cli import (
     run_parser,
     setup_logging,
 )
+from vaejob.config import prepare_storage
 from vaejob.loader import make_loader
 from vaejob.model import VAE
 from vaejob.seeding import item_generator
@@ -122,12 +121,9 @@ def done_record(out: str, index: int, params: dict[str, Any]) -> dict[str, Any] 
 
 
 def _entries(out: str) -> list[str]:
-    fs, path = fsspec.core.url_to_fs(storage.local_path(out))
-    if not fs.exists(path):
-        return []
-    if not fs.isdir(path):
+    if not storage.is_url(out) and os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {out} is a file, not a directory: choose another --out")
-    return sorted(posixpath.basename(str(p).rstrip("/")) for p in fs.ls(path, detail=False))
+    return sorted(storage.listdir(out))
 
 
 def check_out(out: str) -> None:
@@ -152,12 +148,6 @@ def check_out(out: str) -> None:
             raise UsageError(f"--out {out} holds another kind of shard set: choose an empty or new --out")
 
 
-def _remove(url: str) -> None:
-    fs, path = fsspec.core.url_to_fs(storage.local_path(url))
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
-
-
 def finish(out: str, params: dict[str, Any], model: VAE, num_shards: int) -> dict[str, Any]:
     """Rank 0, after every shard is written: drop leftovers of a larger earlier set, write the manifest last,
     then the grid (read back through the loader, which checks the set is usable)."""
@@ -168,8 +158,8 @@ def finish(out: str, params: dict[str, Any], model: VAE, num_shards: int) -> dic
     for entry in _entries(out):
         m = _SHARD_RE.match(entry)
         if m and int(m.group(1)) >= num_shards:
-            _remove(storage.join(out, entry))
-            _remove(_record_path(out, int(m.group(1))))
+            storage.remove(storage.join(out, entry))
+            storage.remove(_record_path(out, int(m.group(1))))
     manifest = build_manifest(
         source=f"{PROG}:{params['checkpoint']}",
         seed=params["seed"],
@@ -222,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         model, cfg, step, ckpt, weights = load_model(args.run, args.checkpoint, weights=args.weights)
+        prepare_storage(cfg, {"--out": args.out})
         check_out(args.out)
     except UserError as e:
         return report(PROG, e)
@@ -248,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     if acc.is_main_process:
         manifest = storage.join(args.out, MANIFEST)
         if storage.exists(manifest) and storage.read_json(manifest).get("args") != params:
-            _remove(manifest)  # first: a set being rewritten must never look complete
+            storage.remove(manifest)  # first: a set being rewritten must never look complete
         storage.makedirs(args.out)
     acc.wait_for_everyone()
     todo = [i for i in mine if done_record(args.out, i, params) is None]

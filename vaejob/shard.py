@@ -14,8 +14,10 @@ import sys
 import time
 from typing import Any
 
-from vaejob.cli import ArgumentParser, UsageError, UserError, fraction, int_type, report
-from vaejob.shards.format import ENCODINGS, shard_name, write_manifest
+from vaejob import storage
+from vaejob.cli import ArgumentParser, UsageError, UserError, error_line, fraction, int_type, report
+from vaejob.shards import index
+from vaejob.shards.format import ENCODINGS, MANIFEST, shard_name, write_manifest
 from vaejob.shards.outdir import check_out_dir, clear_out, discard
 from vaejob.shards.plan import DEFAULT_VAL_FRACTION, plan_shards, plan_splits
 from vaejob.shards.sources import SPEC_HELP, Source, SourceError, open_source, source_name
@@ -41,7 +43,8 @@ MAX_SIZE = 8192
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog="vaejob-shard",
-        description="Write a WebDataset shard set (train-*.tar, val-*.tar, manifest.json) into a LOCAL directory.",
+        description="Write a WebDataset shard set (train-*.tar, val-*.tar, manifest.json) into a directory or "
+        "an object store (s3://...), or index existing WebDataset tars in place (--index).",
         epilog=(
             f"Sources: {SPEC_HELP}. fashion-mnist/mnist read the IDX files (.gz or not; defaults "
             "/usr/share/datasets/<name>); cifar10 reads the official python pickle batches (trusted files only). "
@@ -51,7 +54,24 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("--source", help=f"what to shard: {SPEC_HELP}")
-    p.add_argument("--out", help="output directory (local; default shards/<source-name>)")
+    p.add_argument(
+        "--index",
+        metavar="DIR_OR_PATTERN",
+        help="index existing WebDataset tars in place (a directory, a brace pattern, an fsspec URL pattern "
+        "such as s3://bucket/data-{00000..00099}.tar, or a wids shard-index JSON): writes only manifest.json",
+    )
+    p.add_argument(
+        "--out",
+        help="output directory or fsspec URL, e.g. s3://bucket/set (default shards/<source-name>; with --index: "
+        "beside the tars)",
+    )
+    p.add_argument(
+        "--val-shards",
+        metavar="PATTERNS",
+        help="--index: the shards (comma-separated name patterns, e.g. 'data-0009*.tar') that form val",
+    )
+    p.add_argument("--image-column", help="hf: the image column (default: the first Image feature)")
+    p.add_argument("--label-column", help="hf: the label column (default: a ClassLabel feature, or 'label')")
     p.add_argument(
         "--size",
         type=int_type(1, MAX_SIZE),
@@ -166,19 +186,51 @@ def _check_memory(size: int, workers: int, n_tasks: int) -> None:
     )
 
 
+def _index(args: argparse.Namespace) -> int:
+    if args.source or args.finalize or args.task_index is not None:
+        raise UsageError("--index reads existing tars: drop --source/--finalize/--task-index")
+    if args.val_shards and args.val_fraction is not None:
+        raise UsageError("--val-shards and --val-fraction are two ways to choose val: pass one")
+    urls = index.expand(args.index)
+    out = args.out or index.default_out(urls, args.index)
+    index.check_index_out(out, args.overwrite)
+    start = time.perf_counter()
+    results = index.scan(urls, args.workers)
+    manifest = index.build_index(results, out, args.index, args.val_fraction, args.val_shards)
+    try:
+        storage.makedirs(out)
+        write_manifest(out, manifest)
+    except OSError as e:
+        raise UsageError(
+            f"cannot write {storage.join(out, MANIFEST)} ({error_line(e)}); pass --out DIR"
+        ) from None
+    rate = manifest["images"]["count"] / max(time.perf_counter() - start, 1e-9)
+    print(_summary(manifest, out, rate).replace(" images,", " images indexed,"))
+    return 0
+
+
 def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    if args.index:
+        return _index(args)
     if args.finalize:
         return _finalize(args)
     if not args.source:
-        raise UsageError(f"--source is required: {SPEC_HELP}")
+        raise UsageError(f"--source or --index is required: {SPEC_HELP}; or --index DIR_OR_PATTERN")
     task_mode = args.task_index is not None or args.num_tasks is not None
     if task_mode and (args.task_index is None or args.num_tasks is None or args.task_index >= args.num_tasks):
         raise UsageError("--task-index I and --num-tasks T go together, with 0 <= I < T")
     out = args.out or os.path.join("shards", source_name(args.source))
     created = check_out_dir(out, args.overwrite, task_mode)
 
-    source = open_source(args.source, size=args.size, seed=args.seed, download_data=args.download)
+    source = open_source(
+        args.source,
+        size=args.size,
+        seed=args.seed,
+        download_data=args.download,
+        image_column=args.image_column,
+        label_column=args.label_column,
+    )
     official = source.official is not None and args.val_fraction is None
     settings = Settings(
         source=args.source,
@@ -202,12 +254,10 @@ def _run(argv: list[str] | None) -> int:
     _check_memory(settings.size, args.workers, len(tasks))
 
     # Everything is validated: from here on we write.
-    own = (
-        [n for s, i, _ in tasks for n in (shard_name(s, i), shard_name(s, i) + ".tmp")] if task_mode else None
-    )
+    own = [shard_name(s, i) for s, i, _ in tasks] if task_mode else None
     if args.overwrite or task_mode:
         clear_out(out, own, args.task_index)
-    os.makedirs(out, exist_ok=True)
+    storage.makedirs(out)
     start = time.perf_counter()
     results = write_shards(source, settings, out, tasks, args.workers)
     rate = sum(len(t[2]) for t in tasks) / max(time.perf_counter() - start, 1e-9)

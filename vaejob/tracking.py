@@ -242,6 +242,19 @@ class TrainLog:
         self.images, self.started = 0, time.perf_counter()
         return record
 
+    def epoch_skips(self, step: int, epoch: int, skipped: int) -> None:
+        """Collective, at the step that ends an epoch (every rank ends it at the same step): an indexed
+        set's undecodable samples of the epoch, all ranks, as one ``data`` record, when there were any."""
+        total = int(self.acc.reduce(torch.tensor(skipped, device=self.acc.device), reduction="sum"))
+        if total:
+            self.tracker.log({"step": step, "split": "data", "epoch": epoch, "skipped_samples": total})
+            if self.acc.is_main_process:
+                log.warning(
+                    "epoch %d: %d sample(s) skipped (undecodable images); see the warnings above",
+                    epoch,
+                    total,
+                )
+
     def show(self, **postfix: str) -> None:
         """Values shown beside rank 0's progress bar (the latest train and val numbers)."""
         if self.bar is not None:

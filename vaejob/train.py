@@ -17,7 +17,7 @@ if __package__ in (None, ""):  # `python vaejob/train.py` / `accelerate launch v
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vaejob.cli import EXIT_OK, ArgumentParser, JobFailure, UserError, env_rank, report, setup_logging
-from vaejob.config import Config, load_config
+from vaejob.config import Config, load_config, prepare_storage
 from vaejob.shards import ShardSet, open_shards
 from vaejob.trainer import Trainer
 
@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(cfg.to_yaml(), end="")
             return EXIT_OK
-        shards = open_shards(cfg.data.shards, verify=cfg.data.verify)  # fail fast, before models start
+        # Fail fast, before models start.
+        prepare_storage(cfg, {"data.shards": cfg.data.shards, "samples.root": cfg.samples.root})
+        shards = open_shards(cfg.data.shards, verify=cfg.data.verify, **cfg.data.target())
         summary = run(cfg, shards)
     except (UserError, JobFailure) as e:
         return report(PROG, e)

@@ -33,7 +33,7 @@ from vaejob.cli import (
     JobFailure,
     error_line,
 )
-from vaejob.config import Config
+from vaejob.config import Config, prepare_storage
 from vaejob.device import agree_across_ranks, resolve_auto, use_deterministic_algorithms
 from vaejob.ema import EMA
 from vaejob.fid import FidEvaluator, fid_settings
@@ -61,7 +61,9 @@ class Trainer:
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
         use_deterministic_algorithms(t.deterministic)
-        self.shards = shards or open_shards(cfg.data.shards, verify=cfg.data.verify)
+        if shards is None:
+            prepare_storage(cfg, {"data.shards": cfg.data.shards, "samples.root": cfg.samples.root})
+        self.shards = shards or open_shards(cfg.data.shards, verify=cfg.data.verify, **cfg.data.target())
         if self.shards.split("val").count == 0:  # validation, samples and figures all read it
             raise DataError(
                 f"the val split of {self.shards.root} is empty; re-create the shard set with --val-fraction > 0"
@@ -281,6 +283,8 @@ class Trainer:
         while self.step < max_steps:
             out, lr, grad_norm = self.train_step(next(batches))
             self.step += 1
+            if self.shards.indexed and self.train_loader.batch == len(self.train_loader):
+                self.log.epoch_skips(self.step, self.train_loader.epoch, self.train_loader.skipped)
             final = self.step == max_steps
             self.log.add(out.loss, out.recon, out.kl, images=len(out.recon) * self.world)
             if self.log.due(self.step) or final:

@@ -28,8 +28,10 @@ from vaejob.loader.workers import EpochDataset, StreamSpec, WorkerPool
 from vaejob.shards.codec import Decoder
 from vaejob.shards.format import DataError, ShardSet
 from vaejob.shards.open import open_shards
+from vaejob.storage import StorageError
 
 log = logging.getLogger(__name__)
+MAX_SKIP_WARNINGS = 10  # per epoch and rank: the count goes on, the log does not fill up
 
 
 class ShardLoader:
@@ -56,6 +58,9 @@ class ShardLoader:
         self.split = shards.split(split)
         self.train = split == "train"
         self.batch_size, self.seed, self.epoch, self.batch = batch_size, seed, epoch, 0
+        # Samples of an indexed set whose image could not be decoded: this epoch so far (part of the
+        # state, so a resumed epoch goes on counting) and the whole of the last finished epoch.
+        self.skipped = self.last_epoch_skipped = 0
         self.rank, self.world_size = rank, world_size
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
         self.raw, self.pin_memory, self.prefetch_factor = raw, pin_memory, prefetch_factor
@@ -69,7 +74,7 @@ class ShardLoader:
             streams=self.streams,
             shuffle_buffer=shuffle_buffer,
             with_keys=with_keys,
-            decoder=Decoder(shards.encoding, shards.image_shape),
+            decoder=Decoder.for_set(shards),
         )
         self._pool: WorkerPool | None = None
         if self.train and len(self) == 0:  # an empty val split just yields nothing
@@ -98,12 +103,13 @@ class ShardLoader:
         return num_batches(self.split.count, self.train, self.world_size, self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch, self.batch = int(epoch), 0
+        self.epoch, self.batch, self.skipped = int(epoch), 0, 0
 
     def state_dict(self) -> dict[str, int]:
         return {
             "epoch": self.epoch,
             "batch": self.batch,
+            "skipped": self.skipped,
             "world_size": self.world_size,
             "batch_size": self.batch_size,
             "seed": self.seed,
@@ -130,6 +136,7 @@ class ShardLoader:
                 world, self.world_size, bs, self.batch_size, workers, self.num_workers, self.epoch, batch,
             )  # fmt: skip
         self.batch = min(batch, len(self))
+        self.skipped = int(state.get("skipped", 0)) if self.batch else 0
 
     def __iter__(self) -> Iterator[Batch]:
         start = self.batch
@@ -145,10 +152,14 @@ class ShardLoader:
                     }
                     if self.with_keys:
                         out["key"] = batch["key"]
+                    for reason in batch["skipped"]:
+                        if self.skipped < MAX_SKIP_WARNINGS:
+                            log.warning("data: skipped a sample of %s: %s", self.split_name, reason)
+                        self.skipped += 1
                     self.batch += 1  # counted when the consumer receives it, not when prefetched
                     yield out
-            except DataError as e:  # a worker's error arrives wrapped in a traceback: keep its message
-                error = _last_line(str(e))
+            except (DataError, StorageError) as e:  # a worker's error arrives with a traceback: keep its line
+                error = type(e)(_last_line(e))
             except GeneratorExit:  # the consumer stopped mid-epoch: the workers wait for the next iter()
                 raise
             except BaseException:
@@ -158,9 +169,10 @@ class ShardLoader:
                 batches.close()  # releases the ring's slots at once, even when the consumer stopped early
             if error is not None:
                 self.close()
-                raise DataError(error)
+                raise error
         self.epoch += 1
         self.batch = 0
+        self.last_epoch_skipped, self.skipped = self.skipped, 0
 
     def _batches(self, start: int) -> Iterator[dict[str, Any]]:
         if self.num_workers == 0:  # the single stream, read in this process
@@ -194,10 +206,13 @@ class ShardLoader:
         self.close()
 
 
-def _last_line(message: str) -> str:
-    line = [ln for ln in message.strip().splitlines() if ln.strip()][-1].strip()
-    prefix = f"{DataError.__module__}.{DataError.__name__}: "
-    return line[len(prefix) :] if line.startswith(prefix) else line
+def _last_line(e: BaseException) -> str:
+    line = [ln for ln in str(e).strip().splitlines() if ln.strip()][-1].strip()
+    for cls in type(e).__mro__:  # the worker's traceback ends in "module.Class: message"
+        prefix = f"{cls.__module__}.{cls.__qualname__}: "
+        if line.startswith(prefix):
+            return line[len(prefix) :]
+    return line
 
 
 def _dist_defaults(rank: int | None, world_size: int | None) -> tuple[int, int]:

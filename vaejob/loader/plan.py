@@ -29,7 +29,9 @@ import numpy as np
 
 from vaejob.shards.format import SplitShards
 
-Segment = tuple[str, int, int, int]  # (shard url, first sample, stop sample, shard sample count)
+# (shard url, first sample, stop sample, samples in the tar, picked tar positions or None); with picks the
+# first / stop sample index into them (an indexed shard shared by splits, see format.SplitShards)
+Segment = tuple[str, int, int, int, tuple[int, ...] | None]
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,7 @@ def _segments(split: SplitShards, order: list[int], lo: int, hi: int) -> tuple[S
         c = split.counts[i]
         a, b = max(lo, offset), min(hi, offset + c)
         if a < b:
-            out.append((split.urls[i], a - offset, b - offset, c))
+            out.append((split.urls[i], a - offset, b - offset, split.total(i), split.pick(i)))
         offset += c
     return tuple(out)
 

@@ -8,15 +8,23 @@ and (``verify``) every shard's sha256. Anything wrong is a ``DataError`` of one 
 from __future__ import annotations
 
 import hashlib
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import braceexpand
-import fsspec
 
 from vaejob import storage
-from vaejob.shards.codec import Decoder
-from vaejob.shards.format import MANIFEST, SHARD_CMD, DataError, ShardSet, parse_manifest
-from vaejob.shards.tar import CHUNK, TarStream, iter_samples
+from vaejob.shards.codec import BadImage, Decoder
+from vaejob.shards.format import (
+    INDEX_CMD,
+    MANIFEST,
+    SHARD_CMD,
+    DataError,
+    ShardSet,
+    SplitShards,
+    parse_manifest,
+)
+from vaejob.shards.tar import CHUNK, read_segment
 
 
 def sha256_file(url: str) -> str:
@@ -42,51 +50,80 @@ def resolve_spec(spec: str) -> tuple[str, list[str] | None]:
     return spec.rstrip("/") or spec, None
 
 
-def _listing(root: str, names: list[str]) -> dict[str, int]:
-    """Sizes of the files in ``root`` that exist (one listing request on object stores)."""
-    if storage.is_url(root):
-        try:
-            fs, path = fsspec.core.url_to_fs(root)
-            return {
-                str(e["name"]).rstrip("/").rsplit("/", 1)[-1]: int(e["size"] or 0)
-                for e in fs.ls(path, detail=True)
-            }
-        except (OSError, NotImplementedError):
-            pass  # fall back to one request per shard
-    sizes = {}
-    for name in names:
-        try:
-            sizes[name] = storage.size(storage.join(root, name))
-        except OSError:
-            pass
+def _listing(urls: list[str]) -> dict[str, int]:
+    """Sizes of the shards that exist, by URL (one listing request per directory)."""
+    sizes: dict[str, int] = {}
+    by_dir: dict[str, list[str]] = {}
+    for url in dict.fromkeys(urls):
+        by_dir.setdefault(storage.dirname(url), []).append(url)
+    for folder, members in by_dir.items():
+        listed = storage.listdir(folder)
+        for url in members:
+            size = listed.get(url.rstrip("/").rsplit("/", 1)[-1])
+            if size is not None:
+                sizes[url] = size
     return sizes
 
 
-def _check_head(url: str, decoder: Decoder) -> None:
+def _check_head(shards: ShardSet, split: SplitShards, i: int, decoder: Decoder) -> None:
     """The first sample of a shard: catches corrupt headers and shape/encoding mismatches up front."""
-    with storage.open_read(url) as f:
-        key, members = next(iter_samples(TarStream(f, url, chunk=8192), url, 0, 1, None, decoder.wanted))
-    decoder.image(url, key, members)
+    url = split.urls[i]
+    wanted = decoder.wanted
+    _, key, members = next(read_segment(url, 0, 1, split.total(i), wanted, split.pick(i), chunk=8192))
+    try:
+        decoder.image(url, key, members)
+    except BadImage as e:
+        if not shards.indexed:
+            raise
+        raise DataError(
+            f"{url} changed since it was indexed (its sample {key!r} no longer decodes: {e}); "
+            f"re-run {INDEX_CMD} on it"
+        ) from None
 
 
-def open_shards(spec: str | ShardSet, verify: bool = False) -> ShardSet:
+def _no_manifest(root: str, mpath: str) -> DataError:
+    """The error for a directory without a manifest: foreign tars there want --index, not --source."""
+    try:
+        tars = storage.is_url(root) is False and any(n.endswith(".tar") for n in os.listdir(root))
+    except OSError:
+        tars = False
+    if tars:
+        return DataError(
+            f"not a shard set: {mpath} not found, but {root} holds tar shards; index them in place with "
+            f"{INDEX_CMD} {root}"
+        )
+    return DataError(
+        f"not a shard set: {mpath} not found; create one with {SHARD_CMD} {root} "
+        f"(or index existing WebDataset tars with {INDEX_CMD} DIR_OR_PATTERN)"
+    )
+
+
+def open_shards(
+    spec: str | ShardSet,
+    verify: bool = False,
+    *,
+    image_size: int = 0,
+    channels: int = 0,
+    resize: str = "center_crop",
+) -> ShardSet:
     """Open and validate a shard set.
 
     ``spec`` is a shard-set directory / URL prefix holding ``manifest.json``, the manifest itself, or a
     brace pattern / single shard path (``s3://b/fmnist/train-{000000..000099}.tar``) that must name exactly
-    the shards of one split. Raises ``DataError`` with a one-line message.
+    the shards of one split. ``image_size`` / ``channels`` / ``resize`` set the shape the loader yields
+    (``ShardSet.with_target``; 0 = the set's own). Raises ``DataError`` with a one-line message.
     """
     if isinstance(spec, ShardSet):
         return spec
     root, selected = resolve_spec(spec)
     mpath = storage.join(root, MANIFEST)
     if not storage.exists(mpath):
-        raise DataError(f"not a shard set: {mpath} not found; create one with {SHARD_CMD} {root}")
+        raise _no_manifest(root, mpath)
     try:
         manifest = storage.read_json(mpath)
     except (OSError, ValueError) as e:
         raise DataError(f"{mpath}: unreadable manifest ({type(e).__name__}: {e}); re-copy it") from None
-    shards = parse_manifest(root, manifest)
+    shards = parse_manifest(root, manifest).with_target(image_size, channels, resize)
 
     if selected is not None:
         match = [
@@ -99,31 +136,26 @@ def open_shards(spec: str | ShardSet, verify: bool = False) -> ShardSet:
                 f"(shards per split: {sizes}); pass the directory {root} instead"
             )
 
-    entries = shards.entries
-    names = [str(s["name"]) for s in entries]
-    sizes = _listing(root, names)
-    for s in entries:
-        url = storage.join(root, s["name"])
-        if s["name"] not in sizes:
-            raise DataError(
-                f"missing shard: {url} (listed in {mpath}); re-copy the shard set or re-create it"
-            )
-        if sizes[s["name"]] != int(s["bytes"]):
-            raise DataError(
-                f"truncated or modified shard: {url} is {sizes[s['name']]} bytes, manifest says {s['bytes']}; "
-                "re-copy it or re-create the shard set"
-            )
+    entries = {shards.url_of(s["name"]): s for s in shards.entries}  # an indexed shard may be in 2 splits
+    sizes = _listing(list(entries))
+    fix = f"re-run {INDEX_CMD} on them" if shards.indexed else "re-copy it or re-create the shard set"
+    for url, s in entries.items():
+        if url not in sizes:
+            raise DataError(f"missing shard: {url} (listed in {mpath}); {fix}")
+        if sizes[url] != int(s["bytes"]):
+            what = "changed since it was indexed" if shards.indexed else "truncated or modified"
+            raise DataError(f"{what}: {url} is {sizes[url]} bytes, manifest says {s['bytes']}; {fix}")
 
-    decoder = Decoder(shards.encoding, shards.image_shape)
-    heads = [u for sp in shards.splits.values() for u, c in zip(sp.urls, sp.counts, strict=True) if c > 0]
+    decoder = Decoder.for_set(shards)
+    heads = [(sp, i) for sp in shards.splits.values() for i in range(len(sp.urls))]
     with ThreadPoolExecutor(max_workers=min(16, max(1, len(heads)))) as pool:
-        list(pool.map(lambda url: _check_head(url, decoder), heads))
+        list(pool.map(lambda head: _check_head(shards, *head, decoder), heads))
         if verify:
-            urls = [storage.join(root, n) for n in names]
-            for s, url, digest in zip(entries, urls, pool.map(sha256_file, urls), strict=True):
-                if digest != s["sha256"]:
+            urls = list(entries)
+            for url, digest in zip(urls, pool.map(sha256_file, urls), strict=True):
+                if digest != entries[url]["sha256"]:
                     raise DataError(
-                        f"sha256 mismatch: {url} is {digest[:12]}..., manifest says {str(s['sha256'])[:12]}...; "
-                        "the shard is damaged, re-copy it or re-create the shard set"
+                        f"sha256 mismatch: {url} is {digest[:12]}..., manifest says "
+                        f"{str(entries[url]['sha256'])[:12]}...; the shard is damaged or changed, {fix}"
                     )
     return shards

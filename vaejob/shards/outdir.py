@@ -1,11 +1,11 @@
-"""Output-directory safety for ``vaejob.shard``: refuse a directory we must not write into, and clear the
-previous set (manifest first, so a half-removed set never looks complete) before writing a new one."""
+"""Output-directory safety for ``vaejob.shard``: refuse a directory (or object-store prefix) we must not write
+into, and clear the previous set (manifest first, so a half-removed set never looks complete) before writing
+a new one. Local paths and fsspec URLs alike, through ``vaejob.storage``."""
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
 
 from vaejob import storage
 from vaejob.cli import UsageError
@@ -15,11 +15,12 @@ _SHARD_RE = re.compile(r"(train|val)-\d{6}\.tar")
 _PART_RE = re.compile(r"part-\d+\.json")
 
 
-def _is_ours(out: str, entry: str) -> bool:
-    path = os.path.join(out, entry)
-    if entry == PARTS and os.path.isdir(path):
-        return all(_PART_RE.fullmatch(e) or e.endswith(".tmp") for e in os.listdir(path))
-    return os.path.isfile(path) and (
+def _is_ours(out: str, entry: str, size: int | None) -> bool:
+    if entry == PARTS and size is None:  # a directory
+        return all(
+            _PART_RE.fullmatch(e) or e.endswith(".tmp") for e in storage.listdir(storage.join(out, PARTS))
+        )
+    return size is not None and (
         entry == MANIFEST or entry.endswith(".tmp") or bool(_SHARD_RE.fullmatch(entry))
     )
 
@@ -47,14 +48,15 @@ def check_out_dir(out: str, overwrite: bool, task_mode: bool) -> list[str]:
     """Refuse (before anything is written) an output directory we must not write into; returns the
     directories the run will create (for ``discard``)."""
     if storage.is_url(out):
-        raise UsageError(
-            f"--out {out!r}: sharding writes to a local directory; copy the finished set to storage afterwards"
-        )
-    created = _missing_dirs(out)
-    entries = [] if created else sorted(os.listdir(out))
+        storage.check_access(out, "--out")  # no bucket or no credentials: one line before any work
+        created: list[str] = []
+    else:
+        created = _missing_dirs(out)
+    listed = {} if created else storage.listdir(out)
+    entries = sorted(listed)
     if not entries:
         return created
-    foreign = [e for e in entries if not _is_ours(out, e)]
+    foreign = [e for e in entries if not _is_ours(out, e, listed[e])]
     if task_mode:
         # Other array tasks write into the same directory: only foreign files or a finished set stop us.
         if foreign:
@@ -80,36 +82,36 @@ def check_out_dir(out: str, overwrite: bool, task_mode: bool) -> list[str]:
 
 def clear_out(out: str, own: list[str] | None, task_index: int | None) -> None:
     """Remove the previous set (all of it, or only this array task's shards), manifest first."""
-    manifest = os.path.join(out, MANIFEST)
-    if os.path.exists(manifest):
-        os.unlink(manifest)  # first: a half-removed set must never look complete
-    if not os.path.isdir(out):
-        return
+    storage.remove(storage.join(out, MANIFEST))  # first: a half-removed set must never look complete
     if own is None:
-        for entry in os.listdir(out):
-            if entry == PARTS:
-                shutil.rmtree(os.path.join(out, entry))
-            elif _SHARD_RE.fullmatch(entry) or entry.endswith(".tmp"):
-                os.unlink(os.path.join(out, entry))
+        for entry in storage.listdir(out):
+            if entry == PARTS or _SHARD_RE.fullmatch(entry) or entry.endswith(".tmp"):
+                storage.remove(storage.join(out, entry))
         return
-    for path in [os.path.join(out, n) for n in own] + [os.path.join(out, PARTS, f"part-{task_index}.json")]:
-        if os.path.exists(path):
-            os.unlink(path)
+    for name in [*own, storage.join(PARTS, f"part-{task_index}.json")]:
+        storage.remove(storage.join(out, name))
+    remove_temps(out, own)
+
+
+def remove_temps(out: str, names: list[str]) -> None:
+    """Local temp files of these shards (``storage.open_write``'s ``.NAME.*.tmp``) that a killed writer left."""
+    prefixes = tuple(f".{n}." for n in names)
+    for entry in storage.listdir(out):
+        if entry.endswith(".tmp") and entry.startswith(prefixes):
+            storage.remove(storage.join(out, entry))
 
 
 def remove_stale_shards(out: str, keep: set[str]) -> None:
     """Shards left over from an earlier run into the same directory, and temp files."""
-    for entry in os.listdir(out):
+    for entry in storage.listdir(out):
         if (_SHARD_RE.fullmatch(entry) and entry not in keep) or entry.endswith(".tmp"):
-            os.unlink(os.path.join(out, entry))
+            storage.remove(storage.join(out, entry))
 
 
 def discard(out: str, names: list[str], created: list[str]) -> None:
     """Undo a run refused after writing: its shards, then the directories it created (innermost first)."""
     for name in names:
-        path = os.path.join(out, name)
-        if os.path.exists(path):
-            os.unlink(path)
+        storage.remove(storage.join(out, name))
     for d in reversed(created):
         try:
             os.rmdir(d)

@@ -199,10 +199,14 @@ def _pax(data: bytes, url: str, offset: int) -> Iterator[tuple[str, str]]:
 
 
 def iter_samples(
-    tar: TarStream, url: str, start: int, stop: int, total: int | None, wanted: frozenset[str]
+    tar: TarStream, url: str, start: int, stop: int | None, total: int | None, wanted: frozenset[str]
 ) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Samples ``start..stop-1`` of a shard as (key, {ext: bytes}); members outside ``wanted`` and samples
-    before ``start`` are skipped without copying. With ``total``, the shard must hold exactly that many."""
+    before ``start`` are skipped without copying. With ``total``, the shard must hold exactly that many;
+    ``stop`` None reads to the end, however many there are.
+
+    A sample's key is its member name up to the first dot of the base name (webdataset's rule), so keys
+    may hold slashes and dots in directory names; they are only ever compared, never used as paths."""
     index, key, sample = -1, None, None
     while True:
         m = tar.member()
@@ -216,7 +220,7 @@ def iter_samples(
                 yield key, sample
             index, key = index + 1, k
             sample = None
-            if index >= stop:
+            if stop is not None and index >= stop:
                 if total is not None and stop == total:
                     raise DataError(
                         f"{url} holds more than the {total} samples its manifest entry says; "
@@ -231,18 +235,39 @@ def iter_samples(
             tar.drop(size)
     if sample is not None:
         yield key, sample
-    if index + 1 < stop:
+    if stop is not None and index + 1 < stop:
         raise DataError(
             f"{url} holds {index + 1} samples, its manifest entry says {total if total is not None else stop}; "
             "the shard is truncated or the manifest edited, re-create the shard set"
         )
 
 
-def read_segment(url: str, start: int, stop: int, total: int, wanted: frozenset[str]) -> Iterator[Raw]:
+def read_segment(
+    url: str,
+    start: int,
+    stop: int,
+    total: int,
+    wanted: frozenset[str],
+    picks: tuple[int, ...] | None = None,
+    chunk: int = CHUNK,
+) -> Iterator[Raw]:
+    """Samples ``start..stop-1`` of a shard of ``total`` samples; with ``picks`` (an indexed shard whose
+    split holds only some of its samples) those are positions in ``picks``, and the samples between the
+    picked ones are read past."""
     with storage.open_read(url) as f:
-        tar = TarStream(f, url)
-        for key, members in iter_samples(tar, url, start, stop, total, wanted):
-            yield url, key, members
+        tar = TarStream(f, url, chunk)
+        if picks is None:
+            for key, members in iter_samples(tar, url, start, stop, total, wanted):
+                yield url, key, members
+            return
+        chosen = picks[start:stop]
+        if not chosen:
+            return
+        at, lo = 0, chosen[0]
+        for index, (key, members) in enumerate(iter_samples(tar, url, lo, chosen[-1] + 1, total, wanted), lo):
+            if index == chosen[at]:
+                at += 1
+                yield url, key, members
 
 
 # ------------------------------------------------------------------------------------------------ writer

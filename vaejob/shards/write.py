@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import os
-import shutil
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -85,46 +83,49 @@ def _init_worker(source: Source, settings: Settings, out: str, counter: Any) -> 
     )
 
 
+class _NothingToWrite(Exception):
+    """Aborts a shard's write (``storage.open_write``): nothing appears under its name."""
+
+
 def _write_shard(task: ShardTask) -> dict[str, Any]:
-    """Write one shard; unreadable samples are skipped and reported, never fatal."""
+    """Write one shard (atomically, ``storage.open_write``: a local temp file renamed, or the object-store
+    key itself); unreadable samples are skipped and reported, never fatal."""
     split, index, indices = task
     source: Source = _W["source"]
     st: Settings = _W["settings"]
     counter = _W["counter"]
     name = shard_name(split, index)
-    path = os.path.join(_W["out"], name)
     skipped: list[dict[str, str]] = []
     count = pending = 0
-    with open(path + ".tmp", "wb") as f:
-        tar = TarWriter(f)
-        for i in indices:
-            try:
-                arr, label, factors = source.load(i)
-                data = encode_image(fit(arr, st.size, st.channels), st.format, st.jpeg_quality)
-            except MemoryError:
-                raise  # not the image's fault: skipping it would make the set depend on free memory
-            except Exception as e:
-                skipped.append({"path": source.where(i), "reason": one_line(e)})
-            else:
-                key = source.keys[i]
-                tar.add(f"{key}.{st.format}", data)
-                if label is not None:
-                    tar.add(f"{key}.cls", str(label).encode("ascii"))
-                if factors is not None:
-                    tar.add(f"{key}.json", json.dumps(factors, sort_keys=True).encode("utf-8"))
-                count += 1
-            pending += 1
-            if pending == 32:  # batch the shared-counter updates (each takes a lock)
-                counter.add(pending)
-                pending = 0
-        tar.close()
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with storage.open_write(storage.join(_W["out"], name)) as f:
+            tar = TarWriter(f)
+            for i in indices:
+                try:
+                    arr, label, factors = source.load(i)
+                    data = encode_image(fit(arr, st.size, st.channels), st.format, st.jpeg_quality)
+                except MemoryError:
+                    raise  # not the image's fault: skipping it would make the set depend on free memory
+                except Exception as e:
+                    skipped.append({"path": source.where(i), "reason": one_line(e)})
+                else:
+                    key = source.keys[i]
+                    tar.add(f"{key}.{st.format}", data)
+                    if label is not None:
+                        tar.add(f"{key}.cls", str(label).encode("ascii"))
+                    if factors is not None:
+                        tar.add(f"{key}.json", json.dumps(factors, sort_keys=True).encode("utf-8"))
+                    count += 1
+                pending += 1
+                if pending == 32:  # batch the shared-counter updates (each takes a lock)
+                    counter.add(pending)
+                    pending = 0
+            tar.close()
+            if count == 0:  # every sample unreadable: no empty shard in the set
+                raise _NothingToWrite
+    except _NothingToWrite:
+        pass
     counter.add(pending)
-    if count == 0:  # every sample unreadable: no empty shard in the set
-        os.unlink(path + ".tmp")
-    else:
-        os.replace(path + ".tmp", path)
     return {
         "split": split,
         "index": index,
@@ -197,11 +198,8 @@ def write_shards(
     finally:
         _W.clear()
         bar.close()
-        if not done:
-            for split, index, _ in tasks:
-                tmp = os.path.join(out, shard_name(split, index) + ".tmp")
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+        if not done:  # a killed writer process leaves its local temp file behind
+            outdir.remove_temps(out, [shard_name(split, index) for split, index, _ in tasks])
 
 
 def require_train(source: str, results: list[dict[str, Any]], fix: str) -> None:
@@ -264,7 +262,7 @@ def manifest_of(header: dict[str, Any], results: list[dict[str, Any]]) -> dict[s
 
 # ------------------------------------------------------------------------------------------- job arrays
 def write_part(out: str, task_index: int, num_tasks: int, header: dict[str, Any], results: list) -> str:
-    path = os.path.join(out, PARTS, f"part-{task_index}.json")
+    path = storage.join(out, PARTS, f"part-{task_index}.json")
     part = {"format": PART_FORMAT, "task_index": task_index, "num_tasks": num_tasks}
     storage.atomic_write_json(path, {**part, "header": header, "shards": results})
     return path
@@ -272,15 +270,15 @@ def write_part(out: str, task_index: int, num_tasks: int, header: dict[str, Any]
 
 def finalize(out: str) -> dict[str, Any]:
     """Merge ``parts/part-*.json`` of a job array into ``manifest.json``; raise `UsageError` if incomplete."""
-    parts_dir = os.path.join(out, PARTS)
-    first = os.path.join(parts_dir, "part-0.json")
-    if not os.path.isfile(first):
+    parts_dir = storage.join(out, PARTS)
+    first = storage.join(parts_dir, "part-0.json")
+    if not storage.exists(first):
         raise UsageError(f"--finalize: {first!r} not found: run every --task-index/--num-tasks task first")
     parts = [_read_part(first)]
     num_tasks = parts[0]["num_tasks"]
     for i in range(1, num_tasks):
-        path = os.path.join(parts_dir, f"part-{i}.json")
-        if not os.path.isfile(path):
+        path = storage.join(parts_dir, f"part-{i}.json")
+        if not storage.exists(path):
             raise UsageError(
                 f"--finalize: {path!r} not found: task {i} of {num_tasks} has not finished, re-run it"
             )
@@ -306,15 +304,15 @@ def finalize(out: str) -> dict[str, Any]:
     names = set()
     for split in SPLITS:
         for s in manifest["splits"][split]["shards"]:
-            path = os.path.join(out, s["name"])
-            if not os.path.isfile(path) or os.path.getsize(path) != s["bytes"]:
+            path = storage.join(out, s["name"])
+            if not storage.exists(path) or storage.size(path) != s["bytes"]:
                 raise UsageError(
                     f"--finalize: {path!r} is missing or has the wrong size: re-run the task that wrote it"
                 )
             names.add(s["name"])
     outdir.remove_stale_shards(out, keep=names)
     write_manifest(out, manifest)
-    shutil.rmtree(parts_dir)
+    storage.remove(parts_dir)
     return manifest
 
 

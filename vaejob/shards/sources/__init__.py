@@ -1,6 +1,7 @@
 """Image sources that ``vaejob.shard`` turns into shard sets, opened from a spec string.
 
-Specs: ``imagefolder:DIR``, ``fashion-mnist[:DIR]``, ``mnist[:DIR]``, ``cifar10[:DIR]``, ``synthetic[:N]``.
+Specs: ``imagefolder:DIR``, ``fashion-mnist[:DIR]``, ``mnist[:DIR]``, ``cifar10[:DIR]``, ``synthetic[:N]``,
+``hf:NAME_OR_PATH[:SPLIT]`` (Hugging Face datasets; the ``hf`` extra).
 One module per source family; ``base`` holds the interface (``Source``) and the shared helpers.
 """
 
@@ -11,6 +12,7 @@ import os
 from vaejob.shards.sources.base import KEY_MAX, Loaded, Source, SourceError, fit, sanitize_key
 from vaejob.shards.sources.cifar import CIFAR10_NAMES, Cifar10
 from vaejob.shards.sources.folder import IMAGE_EXTS, ImageFolder, folder_name
+from vaejob.shards.sources.hf import HFDataset, split_spec
 from vaejob.shards.sources.idx import FASHION_MNIST_NAMES, MNIST_NAMES, IdxSource, read_idx
 from vaejob.shards.sources.synthetic import SHAPES, Synthetic, render_shape
 
@@ -23,6 +25,7 @@ __all__ = [
     "SHAPES",
     "SPEC_HELP",
     "Cifar10",
+    "HFDataset",
     "IdxSource",
     "ImageFolder",
     "Loaded",
@@ -38,8 +41,8 @@ __all__ = [
     "source_name",
 ]
 
-SOURCE_KINDS = ("imagefolder", "fashion-mnist", "mnist", "cifar10", "synthetic")
-SPEC_HELP = "imagefolder:DIR, fashion-mnist[:DIR], mnist[:DIR], cifar10[:DIR] or synthetic[:N]"
+SOURCE_KINDS = ("imagefolder", "fashion-mnist", "mnist", "cifar10", "synthetic", "hf")
+SPEC_HELP = "imagefolder:DIR, fashion-mnist[:DIR], mnist[:DIR], cifar10[:DIR], synthetic[:N] or hf:NAME_OR_PATH[:SPLIT]"
 
 
 def parse_spec(spec: str) -> tuple[str, str | None]:
@@ -48,14 +51,21 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
         raise SourceError(f"unknown source {spec!r}: use {SPEC_HELP}")
     if sep and not arg:
         raise SourceError(f"source {spec!r} has an empty argument after ':': use {SPEC_HELP}")
-    if kind == "imagefolder" and not arg:
-        raise SourceError("source 'imagefolder' needs a directory: use imagefolder:DIR")
+    if kind in ("imagefolder", "hf") and not arg:
+        what = (
+            "a directory: use imagefolder:DIR"
+            if kind == "imagefolder"
+            else "a dataset: use hf:NAME_OR_PATH[:SPLIT]"
+        )
+        raise SourceError(f"source {kind!r} needs {what}")
     return kind, (arg or None)
 
 
 def source_name(spec: str) -> str:
     """Short name of a source spec (used for the default output directory ``shards/<name>``)."""
     kind, arg = parse_spec(spec)
+    if kind == "hf" and arg:
+        return "hf-" + folder_name(split_spec(arg)[0])
     return folder_name(arg) if kind == "imagefolder" and arg else kind
 
 
@@ -84,9 +94,20 @@ def open_source(
     seed: int = 0,
     download_data: bool = False,
     cache_dir: str | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
 ) -> Source:
     """Open a source from its spec string; raise `SourceError` (one line) when it cannot be used."""
     kind, arg = parse_spec(spec)
+    if (image_column or label_column) and kind != "hf":
+        raise SourceError(f"--image-column/--label-column apply to hf: sources, not {kind}: drop them")
+    if kind == "hf":
+        if download_data:
+            raise SourceError(
+                "--download does not apply to hf: (hub names are downloaded by datasets): drop it"
+            )
+        assert arg is not None
+        return HFDataset(arg, size, image_column, label_column)
     if download_data and kind in ("imagefolder", "synthetic"):
         raise SourceError(
             f"--download applies to mnist, fashion-mnist and cifar10, not {kind}: drop --download"

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from vaejob.cli import UserError
+from vaejob.shards.codec import fit_image, to_mode
 
 Loaded = tuple[np.ndarray, int | None, dict[str, Any] | None]
 
@@ -65,15 +66,20 @@ def fit(arr: np.ndarray, size: int, channels: int) -> np.ndarray:
     if (h, w, c) == (size, size, channels):
         return arr
     img = Image.fromarray(arr[..., 0] if c == 1 else arr)
-    if c != channels:
-        img = img.convert("L" if channels == 1 else "RGB")
-    if (h, w) != (size, size):
-        side = min(h, w)
-        left, top = (w - side) / 2, (h - side) / 2
-        # One LANCZOS pass over the centre square: anti-aliased downscale and crop together.
-        img = img.resize((size, size), Image.Resampling.LANCZOS, box=(left, top, left + side, top + side))
-    out = np.asarray(img, dtype=np.uint8)
+    out = np.asarray(fit_image(to_mode(img, channels), size), dtype=np.uint8)
     return out[..., None] if out.ndim == 2 else out
+
+
+def read_image(src: str | IO[bytes], draft_size: int) -> np.ndarray:
+    """An image file (path or binary stream) as an H×W×C uint8 array, C = 1 for greyscale (16-bit and float
+    scaled to 8 bits) else 3 (transparency on white); EXIF orientation applied; JPEGs decoded at a reduced
+    scale that keeps the shorter side >= ``draft_size``."""
+    with Image.open(src) as im:
+        im.draft("RGB", (draft_size, draft_size))  # JPEG: decode at a reduced scale (fast)
+        im = ImageOps.exif_transpose(im)
+        grey = im.mode in ("1", "L", "F") or im.mode.startswith("I")
+        arr = np.asarray(to_mode(im, 1 if grey else 3), dtype=np.uint8)
+    return arr[..., None] if arr.ndim == 2 else arr
 
 
 def label_array(labels: np.ndarray, n: int, what: str) -> np.ndarray:

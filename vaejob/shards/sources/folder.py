@@ -5,10 +5,7 @@ from __future__ import annotations
 import os
 import re
 
-import numpy as np
-from PIL import Image, ImageOps
-
-from vaejob.shards.sources.base import Loaded, Source, SourceError, sanitize_key
+from vaejob.shards.sources.base import Loaded, Source, SourceError, read_image, sanitize_key
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")
 
@@ -74,18 +71,5 @@ class ImageFolder(Source):
         return os.path.join(self.root, self.files[i])
 
     def load(self, i: int) -> Loaded:
-        with Image.open(self.where(i)) as im:
-            im.draft("RGB", (self.draft_size, self.draft_size))  # JPEG: decode at a reduced scale (fast)
-            im = ImageOps.exif_transpose(im)
-            if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
-                # Transparent pixels become white rather than whatever colour they happen to store.
-                rgba = im.convert("RGBA")
-                im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-            if im.mode.startswith("I") or im.mode == "F":
-                # 16-bit (or float) greyscale: PIL's convert("L") would clip to 255 instead of scaling.
-                wide = np.asarray(im, dtype=np.float64)
-                arr = np.clip(wide / (257.0 if im.mode != "F" else 1.0) + 0.5, 0, 255).astype(np.uint8)
-            else:
-                arr = np.asarray(im.convert("L" if im.mode in ("1", "L") else "RGB"), dtype=np.uint8)
-        arr = arr[..., None] if arr.ndim == 2 else arr
+        arr = read_image(self.where(i), self.draft_size)
         return arr, (self.labels[i] if self.labels is not None else None), None
