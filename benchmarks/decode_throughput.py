@@ -40,7 +40,7 @@ from vaejob.shards import open_shards
 from vaejob.shards.codec import DRAFT_OVERSAMPLE, fit_image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data_throughput import count, interleaved, print_rates, vaejob_loader  # noqa: E402  (the sibling benchmark's helpers)
+from data_throughput import VaejobEpochs, count, interleaved, print_rates  # noqa: E402  (the sibling benchmark's helpers)
 
 TOLERANCE = 1.0  # mean |difference| in grey levels that still counts as the same image
 
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         b, w, buf = args.batch_size, args.workers, args.shuffle_buffer
         methods = {
             "webdataset": webdataset_loader(urls, args.size, b, w, buf),
-            "vaejob": vaejob_loader(open_shards(str(tars), image_size=args.size), b, w, buf),
+            "vaejob": VaejobEpochs(open_shards(str(tars), image_size=args.size), b, w, buf),
         }
         rates, per_cpu = interleaved(methods, args.repeats)
     finally:

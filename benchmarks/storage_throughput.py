@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
-from data_throughput import interleaved, print_rates, vaejob_loader  # noqa: E402  (the sibling benchmark)
+from data_throughput import VaejobEpochs, interleaved, print_rates  # noqa: E402  (the sibling benchmark)
 
 from tests.s3server import S3Server  # noqa: E402  (the tests' S3 server)
 from vaejob import shard, storage  # noqa: E402
@@ -68,15 +68,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"data ready in {time.perf_counter() - t0:.1f} s (local {root / 'set'}, {url})")
         b, w, buf = args.batch_size, args.workers, args.shuffle_buffer
         methods = {
-            "local": vaejob_loader(open_shards(str(root / "set")), b, w, buf),
-            "s3": vaejob_loader(open_shards(url), b, w, buf),
+            "local": VaejobEpochs(open_shards(str(root / "set")), b, w, buf),
+            "s3": VaejobEpochs(open_shards(url), b, w, buf),
         }
         reader = storage.open_read
         storage.open_read = lambda path: (
             fsspec.open(path, "rb").open() if storage.is_url(path) else reader(path)
         )
         try:
-            methods["s3-fsspec"] = vaejob_loader(open_shards(url), b, w, buf)
+            methods["s3-fsspec"] = VaejobEpochs(open_shards(url), b, w, buf)
             methods["s3-fsspec"](0)  # its workers fork now, with the plain reader
         finally:
             storage.open_read = reader

@@ -132,3 +132,14 @@ def test_training_logs_fid_at_its_cadence(tiny_shards: str, tmp_path) -> None:
     fid = metrics(run_dir, "fid")
     assert [r["step"] for r in fid] == [10, 20] and all(np.isfinite(r["fid"]) and r["fid"] > 0 for r in fid)
     assert all(r["fid_samples"] == 8 and r["fid_real"] == 16 for r in fid)
+
+
+def test_kid_std_is_a_spread_even_when_the_sets_are_no_bigger_than_a_subset() -> None:
+    """With 1000 images a side and 1000-image subsets every subset would be the whole set (std 0): the
+    subsets are then halves, so kid_std says how much the estimate moves."""
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(1000, 64)), rng.normal(0.1, 1.0, size=(1000, 64))
+    mean, std = kernel_inception_distance(a, b)
+    big_mean, big_std = kernel_inception_distance(rng.normal(size=(3000, 64)), rng.normal(0.1, 1.0, (3000, 64)))
+    assert std > 0.05 * abs(mean) and big_std > 0
+    assert mean == pytest.approx(big_mean, rel=0.3)  # the same distance, whichever subset size

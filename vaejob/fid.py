@@ -192,6 +192,8 @@ def kernel_inception_distance(
     subset only indexes them; larger sets compute each subset's."""
     rng = np.random.default_rng(seed)
     m = min(size, len(a), len(b))
+    if m == min(len(a), len(b)):  # every subset would be a whole set (std 0): halves, so std is a spread
+        m //= 2
     if m < 2:
         return float("nan"), float("nan")
     d = a.shape[1]
