@@ -86,9 +86,9 @@ class HierarchicalVAE(VAE):
         self.likelihood, self.image_shape = likelihood, image_shape
         chs, groups, nb, z_ch = cfg.channels, cfg.groups, cfg.blocks, cfg.latent_channels
         self.sizes = down_sizes((h, w), len(chs))
-        self.latent_groups = tuple(
-            z_ch * sh * sw for (sh, sw), n in zip(self.sizes, groups, strict=True) for _ in range(n)
-        )
+        # in the order top_down samples them (the lowest resolution first): the noise vector's and the KL's
+        stages = list(zip(self.sizes, groups, strict=True))[::-1]
+        self.latent_groups = tuple(z_ch * sh * sw for (sh, sw), n in stages for _ in range(n))
         enc_scale = math.sqrt(1 / max(1, nb * len(chs)))
         dec_scale = math.sqrt(1 / max(1, sum(groups) + nb * len(chs)))
 
