@@ -65,9 +65,8 @@ class ModelConfig:
     # hvae: channels of each latent group
     latent_channels: int = 0
     groups: list[int] = field(default_factory=list)  # hvae: latent groups per stage (as model.channels)
-    log_scale_bound: float = (
-        5.0  # hvae: log sigma of q and p soft-bounded to [-b, b] (NVAE: 5); 0 = unbounded
-    )
+    # hvae: log sigma of q and p soft-bounded to [-b, b] by b tanh(x / b) (NVAE: 5); 0 = unbounded (VDVAE)
+    log_scale_bound: float = 5.0
 
 
 @dataclass
