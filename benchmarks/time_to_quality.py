@@ -63,7 +63,7 @@ def seed_loop(shards: str, seed: int, epochs: int, events_path: str) -> None:
 
     from vaejob.loader import make_loader
     from vaejob.loss import vae_loss
-    from vaejob.model import build_model
+    from vaejob.models import build_model
 
     cfg = load_config(str(SEED_CONFIG), [f"data.shards={shards}"])
 
@@ -84,8 +84,7 @@ def seed_loop(shards: str, seed: int, epochs: int, events_path: str) -> None:
             order = torch.randperm(len(train))
             for i in range(steps):
                 x = train[order[i * bs : (i + 1) * bs]]
-                logits, mu, logvar = model(x)
-                loss = vae_loss(model.likelihood, logits, x, mu, logvar, cfg.loss, 1.0).loss
+                loss = vae_loss(model.likelihood, model(x), x, cfg.loss, 1.0).loss
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -96,16 +95,11 @@ def seed_loop(shards: str, seed: int, epochs: int, events_path: str) -> None:
             with torch.no_grad():
                 for i in range(0, len(val), 500):
                     x = val[i : i + 500]
-                    mu, logvar, h = model.encode_hidden(x)
-                    z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=gen)
-                    total += (
-                        vae_loss(model.likelihood, model.decode(z), x, mu, logvar, cfg.loss, 1.0)
-                        .nelbo.double()
-                        .sum()
-                        .item()
-                    )
-                    mus.append(mu)
-                    hmax = h.amax(0)
+                    features = model.bottom_up(x)
+                    out = model.top_down(features, torch.randn(features[0].shape, generator=gen))
+                    total += vae_loss(model.likelihood, out, x, cfg.loss, 1.0).nelbo.double().sum().item()
+                    mus.append(out.mean)
+                    hmax = out.hidden.amax(0)
                     hidden_max = hmax if hidden_max is None else torch.maximum(hidden_max, hmax)
             event = {
                 "epoch": epoch,

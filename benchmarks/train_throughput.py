@@ -47,7 +47,7 @@ from vaejob import shard  # noqa: E402
 from vaejob.config import Config, load_config  # noqa: E402
 from vaejob.device import job_uses_cuda, resolve_auto  # noqa: E402
 from vaejob.loss import vae_loss  # noqa: E402
-from vaejob.model import build_model  # noqa: E402
+from vaejob.models import build_model  # noqa: E402
 from vaejob.train import Trainer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,8 +141,8 @@ class BareLoop:
             if t.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with amp:
-                logits, mu, logvar = self.model(x)
-            out = vae_loss(self.model.likelihood, logits, x, mu, logvar, self.cfg.loss, self.cfg.loss.beta)
+                model_out = self.model(x)
+            out = vae_loss(self.model.likelihood, model_out, x, self.cfg.loss, self.cfg.loss.beta)
             if self.scaler is not None:
                 self.scaler.scale(out.loss).backward()
                 self.scaler.step(self.opt)

@@ -167,3 +167,48 @@ def test_storage_throughput_quick():
     )
     m = re.search(r"^s3 / local: ([0-9.]+)x img/s", cp.stdout, re.M)
     assert m and float(m.group(1)) > 0, cp.stdout  # the ratio the README quotes
+
+
+def test_quality_reduced(fmnist_shards, tmp_path):
+    """Every family trains a few hundred steps through the real job, is evaluated by vaejob.evaluate and beats
+    its start; a second call stops hvae at a tiny wall-clock budget (SIGUSR1) and still evaluates it."""
+    out = tmp_path / "quality.json"
+    steps = 150
+    sets = [
+        f"train.max_steps={steps}",
+        "train.batch_size=16",
+        "train.warmup_steps=10",
+        "train.log_every=10",
+        "train.eval_every=50",
+        "train.checkpoint_every=50",
+        f"train.sample_every={steps}",
+        "samples.final_plots=false",
+        "wandb.mode=disabled",
+    ]
+    args = ["benchmarks/quality.py", "--shards", fmnist_shards, "--work", str(tmp_path / "work")]
+    args += ["--iw-samples", "10", "--fid", "0", "--json", str(out), "--set", *sets]
+    cp = _bench(args, timeout=1500)
+    assert re.search(r"family\s+val -ELBO\s+IW-NLL\s+bits/dim", cp.stdout), cp.stdout
+    assert "margins vs conv" in cp.stdout
+    results = json.loads(out.read_text())
+    assert list(results) == ["conv", "resnet", "hvae"]
+    val_count = json.loads((Path(fmnist_shards) / "manifest.json").read_text())["splits"]["val"]["count"]
+    for family, res in results.items():
+        train, ev = res["train"], res["eval"]
+        assert train["state"] == "completed" and train["step"] == steps, (family, train)
+        assert ev["step"] == steps and ev["count"] == val_count and ev["iw_samples"] == 10, family
+        assert ev["likelihood"] == "discretized_logistic_mixture"
+        assert math.isfinite(ev["nelbo"]) and math.isfinite(ev["iw_nll"]), (family, ev)
+        assert ev["iw_nll"] < ev["nelbo"], family  # the K=10 bound is tighter than the one-sample ELBO
+        assert ev["nelbo"] < 0.9 * train["first_train_loss"], (family, ev["nelbo"], train)  # it learned
+        assert [v["step"] for v in train["val"]] == [50, 100, 150], family
+    assert len(results["hvae"]["eval"]["kl_per_group"]) == 4  # fashion_mnist_hvae.yaml: groups [0, 2, 2]
+    # the wall-clock budget: SIGUSR1 checkpoints the job, which is evaluated where it stopped
+    budget = tmp_path / "budget.json"
+    args = ["benchmarks/quality.py", "--shards", fmnist_shards, "--work", str(tmp_path / "budget")]
+    args += ["--families", "hvae", "--budget-s", "40", "--iw-samples", "2", "--json", str(budget)]
+    args += ["--set", "train.max_steps=100000", "train.batch_size=16", "wandb.mode=disabled"]
+    _bench(args, timeout=900)
+    stopped = json.loads(budget.read_text())["hvae"]
+    assert stopped["train"]["state"] == "preempted" and 0 < stopped["train"]["step"] < 100000
+    assert stopped["eval"]["step"] == stopped["train"]["step"]

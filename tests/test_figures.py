@@ -15,13 +15,14 @@ from PIL import Image
 from torch import Tensor, nn
 
 from vaejob import figures, plots, storage
+from vaejob.models import SingleLatentVAE
 
 GRAY = (1, 28, 28)
 RGB = (3, 32, 32)
 
 
-class TinyVAE(nn.Module):
-    """The model interface vaejob.figures relies on, with linear maps and a dropout to expose train mode."""
+class TinyVAE(SingleLatentVAE):
+    """vaejob.models' interface with linear maps and a dropout to expose train mode."""
 
     def __init__(self, image_shape: tuple[int, int, int], latent_dim: int) -> None:
         super().__init__()
@@ -32,9 +33,9 @@ class TinyVAE(nn.Module):
         self.enc = nn.Linear(size, 2 * latent_dim)
         self.dec = nn.Linear(latent_dim, size)
 
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def encode_hidden(self, x: Tensor) -> tuple[Tensor, Tensor, None]:
         mu, logvar = self.enc(self.drop(x.flatten(1))).chunk(2, dim=1)
-        return mu, logvar
+        return mu, logvar, None
 
     def decode(self, z: Tensor) -> Tensor:
         return self.dec(self.drop(z)).view(-1, *self.image_shape)
@@ -241,7 +242,13 @@ def test_write_samples_and_plots_to_fsspec_memory() -> None:
         names = {
             p.rsplit("/", 1)[1] for p in fs.ls(storage.join(root, "plots").split("://", 1)[1], detail=False)
         }
-        assert names == {"loss_curves.png", "latent_scatter.png", "manifold.png", "interpolation.png"}
+        assert names == {
+            "loss_curves.png",
+            "temperatures.png",
+            "latent_scatter.png",
+            "manifold.png",
+            "interpolation.png",
+        }
         assert not [p for p in fs.find(root.split("://", 1)[1]) if ".tmp-" in p]
     finally:
         fs.rm(root.split("://", 1)[1].split("/")[0], recursive=True)
@@ -267,7 +274,7 @@ def test_write_final_plots(tmp_path, shape: tuple[int, int, int], latent_dim: in
     assert encoded == [6, 6, 3]  # 6 valid rows per batch; the 4th batch is never pulled
     assert len(list(batches)) == 1
     assert model.training and model.drop.training
-    expected = {"loss_curves", "latent_scatter", "interpolation"} | (
+    expected = {"loss_curves", "temperatures", "latent_scatter", "interpolation"} | (
         {"manifold"} if latent_dim == 2 else set()
     )
     assert set(out) == expected
@@ -292,4 +299,4 @@ def test_write_final_plots_without_val_points(tmp_path) -> None:
         }
     ]
     out = figures.write_final_plots(str(tmp_path), model, empty, [])
-    assert set(out) == {"loss_curves"}
+    assert set(out) == {"loss_curves", "temperatures"}

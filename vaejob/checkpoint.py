@@ -35,7 +35,7 @@ from vaejob import storage
 from vaejob.cli import LOG_NAME, JobFailure, UserError, error_line
 from vaejob.config import Config, ConfigError, load_config
 from vaejob.device import resolve_auto
-from vaejob.model import VAE, build_model
+from vaejob.models import VAE, build_model
 from vaejob.ranks import CpuGroup
 from vaejob.rundir import STATE_FILE, RunDir, step_dir_name
 from vaejob.shards import DataError, open_shards

@@ -50,14 +50,23 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: Literal["conv", "mlp"] = "conv"
-    latent_dim: int = 16
-    channels: list[int] = field(default_factory=lambda: [32, 64])  # conv: one stride-2 block each
-    kernel_size: int = 3
+    name: Literal["conv", "mlp", "resnet", "hvae"] = "conv"  # vaejob.models
+    latent_dim: int = 16  # conv, mlp, resnet with a dense latent
+    # conv: one stride-2 block each; resnet, hvae: one stage per resolution, full size first, each halved
+    channels: list[int] = field(default_factory=lambda: [32, 64])
+    kernel_size: int = 3  # conv
     hidden_dim: int = 0  # conv: dense bottleneck before (mu, logvar); 0 = heads read the features
     hidden_sizes: list[int] = field(default_factory=lambda: [400])  # mlp
-    activation: Literal["relu", "leaky_relu", "silu", "gelu", "elu"] = "relu"
-    norm: Literal["none", "batch", "group"] = "none"
+    activation: Literal["relu", "leaky_relu", "silu", "gelu", "elu"] = "relu"  # conv, mlp
+    norm: Literal["none", "batch", "group"] = "none"  # conv
+    blocks: int = 1  # resnet: residual blocks per stage (decoder: one more); hvae: residual cells per stage
+    attention: bool = False  # resnet: self-attention in the mid blocks at the lowest resolution
+    # resnet: > 0 = a spatial latent with these channels at the lowest resolution (SD's), 0 = dense latent_dim;
+    # hvae: channels of each latent group
+    latent_channels: int = 0
+    groups: list[int] = field(default_factory=list)  # hvae: latent groups per stage (as model.channels)
+    # hvae: log sigma of q and p soft-bounded to [-b, b] by b tanh(x / b) (NVAE: 5); 0 = unbounded (VDVAE)
+    log_scale_bound: float = 5.0
 
 
 @dataclass
@@ -74,6 +83,8 @@ class LossConfig:
     beta: float = 1.0
     beta_warmup_steps: int = 0  # beta ramps linearly from 0 over these steps
     free_bits: float = 0.0  # nats per latent dim below which KL is not penalised (Kingma et al. 2016)
+    iw_samples: int = 1  # > 1: train on the IWAE bound with this many posterior samples (Burda et al. 2016)
+    spectral_reg: float = 0.0  # NVAE's spectral regularisation coefficient (vaejob.models.spectral); 0 = off
 
 
 @dataclass
@@ -100,7 +111,10 @@ class TrainConfig:
     keep_checkpoints: int = 3
     seed: int = 0
     on_nonfinite: Literal["stop", "skip"] = "stop"
-    max_skipped_steps: int = 100  # with on_nonfinite=skip, stop after this many skipped steps
+    max_skipped_steps: int = 100  # with on_nonfinite=skip, stop after this many non-finite steps
+    # VDVAE: an update whose gradient norm (before clipping) exceeds this is skipped; 0 = off
+    skip_threshold: float = 0.0
+    max_consecutive_skips: int = 10  # more skipped updates in a row (either reason) stop the job: it diverged
     deterministic: bool = False  # torch.use_deterministic_algorithms (CPU runs are deterministic anyway)
     progress: bool = True  # tqdm bar on rank 0
     # Evaluation, samples and the checkpoint's ema.safetensors use an exponential moving average of the
@@ -307,8 +321,27 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'model.kernel_size' must be odd, got {m.kernel_size}")
     if any(c <= 0 for c in m.channels + m.hidden_sizes) or m.hidden_dim < 0:
         raise ConfigError("config keys model.channels/hidden_sizes/hidden_dim must be positive")
+    _validate_stages(m)
     if cfg.loss.beta < 0 or cfg.loss.free_bits < 0 or cfg.loss.beta_warmup_steps < 0:
         raise ConfigError("config keys loss.beta/free_bits/beta_warmup_steps must be >= 0")
+    if cfg.loss.iw_samples < 1:
+        raise ConfigError(
+            f"config key 'loss.iw_samples' must be >= 1 (1 = the ELBO), got {cfg.loss.iw_samples}"
+        )
+    if cfg.loss.iw_samples > 1 and cfg.loss.free_bits > 0:
+        raise ConfigError(
+            "config key 'loss.free_bits' applies to the ELBO only; set it to 0 with loss.iw_samples > 1"
+        )
+    if cfg.loss.spectral_reg < 0:
+        raise ConfigError(
+            f"config key 'loss.spectral_reg' must be >= 0 (0 = off), got {cfg.loss.spectral_reg}"
+        )
+    if t.skip_threshold < 0:
+        raise ConfigError(f"config key 'train.skip_threshold' must be >= 0 (0 = off), got {t.skip_threshold}")
+    if t.max_consecutive_skips < 1:
+        raise ConfigError(
+            f"config key 'train.max_consecutive_skips' must be >= 1, got {t.max_consecutive_skips}"
+        )
     if not 0 <= t.ema_decay < 1:
         raise ConfigError(f"config key 'train.ema_decay' must be in [0, 1), e.g. 0.999, got {t.ema_decay}")
     if t.fid_every < 0 or cfg.fid.real < 0:
@@ -342,6 +375,31 @@ def validate(cfg: Config) -> None:
     for key in ("collective_timeout_s", "lease_timeout_s"):
         if not getattr(cfg.run, key) > 0:
             raise ConfigError(f"config key 'run.{key}' must be > 0 seconds, got {getattr(cfg.run, key)}")
+
+
+def _validate_stages(m: ModelConfig) -> None:
+    """The keys of the staged families (resnet, hvae)."""
+    if m.name not in ("resnet", "hvae"):
+        return
+    if not 1 <= len(m.channels) <= 7:
+        raise ConfigError(f"config key 'model.channels' needs 1 to 7 stages for {m.name}, got {m.channels}")
+    if m.blocks < (1 if m.name == "resnet" else 0):
+        raise ConfigError(
+            f"config key 'model.blocks' must be >= {int(m.name == 'resnet')} for {m.name}, got {m.blocks}"
+        )
+    if m.latent_channels < 0 or not m.log_scale_bound >= 0:
+        raise ConfigError("config keys model.latent_channels / model.log_scale_bound must be >= 0")
+    if m.name != "hvae":
+        return
+    if len(m.groups) != len(m.channels) or any(g < 0 for g in m.groups) or sum(m.groups) < 1:
+        raise ConfigError(
+            f"config key 'model.groups' needs one count >= 0 per stage of model.channels ({len(m.channels)}), "
+            f"at least one group in all, e.g. model.groups=[0,2]; got {m.groups}"
+        )
+    if m.latent_channels < 1:
+        raise ConfigError(
+            "config key 'model.latent_channels' must be >= 1 for hvae (channels per latent group)"
+        )
 
 
 def prepare_storage(cfg: Config, locations: dict[str, str]) -> None:

@@ -41,8 +41,8 @@ from vaejob.cli import (
 from vaejob.config import Config, prepare_storage
 from vaejob.fid import NETWORKS, FidEvaluator, fid_settings
 from vaejob.loader import Batch, make_loader
-from vaejob.metrics import IW_CHUNK, KeyedNoise, elbo_pass, iw_log_px
-from vaejob.model import VAE
+from vaejob.metrics import IW_CHUNK, KeyedNoise, elbo_pass, iw_log_px, per_image_noise
+from vaejob.models import VAE
 from vaejob.ranks import CpuGroup
 from vaejob.rundir import RunDir, step_dir_name
 from vaejob.shards import ShardSet, open_shards
@@ -95,7 +95,7 @@ def evaluate(
     def nll(model: VAE, x: Tensor) -> Tensor:
         gens = noise.generators  # each image's noise stream continues after its one-sample z
         parts = [
-            iw_log_px(model, x[i : i + rows], k, generators=gens[i : i + rows])
+            iw_log_px(model, x[i : i + rows], k, noise=per_image_noise(gens[i : i + rows]))
             for i in range(0, len(x), rows)
         ]
         return -torch.cat(parts)
@@ -129,8 +129,14 @@ def _progress(acc: Accelerator, loader: Any, desc: str) -> Iterator[Batch]:
 def write_plots(
     model: VAE, images: Tensor, kl_per_dim: Sequence[float], out_stem: str, device: torch.device
 ) -> dict[str, Any]:
-    """Latent traversal (top dims by KL) around the first image, interpolations between image pairs."""
+    """Latent traversal (top dims by KL) around the first image, interpolations between image pairs: for a
+    model with one latent vector (a hierarchical one has none to walk along)."""
     grids: dict[str, Any] = {}
+    if not model.single_latent:
+        log.info(
+            f"traversal and interpolation plots skipped: the model has {len(model.latent_groups)} latent groups"
+        )
+        return grids
     if len(images):
         dims = sorted(range(len(kl_per_dim)), key=lambda i: -kl_per_dim[i])[:TRAVERSAL_DIMS]
         grids["traversal"] = figures.latent_traversal(model, images[0], dims, device=device)
@@ -286,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             name = f"{os.path.basename(shards.root.rstrip('/'))}-{name}"
         stem = os.path.join(RunDir(args.run).eval, name)
         storage.atomic_write_json(f"{stem}.json", record)
-        grids = write_plots(model, images, metrics["kl_per_dim"], stem, acc.device)
+        grids = write_plots(model, images, metrics.get("kl_per_dim", []), stem, acc.device)
         tracker.log_eval(record, grids)
         tracker.finish()
         log.info(

@@ -1,8 +1,11 @@
 """The figures of a run: sample grids and reconstructions during training, diagnostic plots at the end,
 latent traversals and interpolations for evaluation; written through :mod:`vaejob.storage`.
 
-Runs on rank 0 with the unwrapped model, which must provide ``latent_dim``, ``image_shape`` (C, H, W),
-``encode(x) -> (mu, logvar)``, ``decode(z) -> logits`` and ``mean_image(logits) -> [0, 1] images``.
+Runs on rank 0 with the unwrapped model (``vaejob.models``' interface): ``image_shape`` (C, H, W),
+``latent_size``, ``generate(eps, temperature)``, ``forward(x, eps)`` and ``mean_image(params) -> [0, 1] images``
+serve every family. What needs one latent vector (``single_latent``: ``encode(x) -> (mu, logvar)``,
+``decode(z)``): the latent scatter, the 2-D manifold, interpolations and traversals; for a hierarchical model they
+are skipped, and the final plots say so in one log line.
 Every function here puts the model in eval mode under ``torch.inference_mode`` and restores each module's
 previous mode afterwards; random latents come from a private CPU ``torch.Generator``, so the global RNG
 streams are untouched and the same seed gives the same latents on every device and at every step.
@@ -14,6 +17,7 @@ streams are untouched and the same seed gives the same latents on every device a
 from __future__ import annotations
 
 import io
+import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -24,10 +28,13 @@ import torch
 from torch import Tensor
 
 from vaejob import plots, storage
+from vaejob.cli import LOG_NAME
 from vaejob.config import SamplesConfig
 from vaejob.loader.batch import unit_float
 from vaejob.rundir import step_dir_name
 from vaejob.tracking import Tracker
+
+log = logging.getLogger(LOG_NAME)
 
 SAMPLES_FORMAT = "vaejob-samples/1"
 RECON_NROW = 8
@@ -36,6 +43,7 @@ INTERP_STEPS = 10
 TRAVERSAL_SPAN = 3.0
 TRAVERSAL_STEPS = 11
 DECODE_BATCH = 256
+TEMPERATURES = (0.4, 0.6, 0.8, 1.0)  # rows of plots/temperatures.png (VDVAE shows samples at t < 1 too)
 
 
 def to_uint8_nhwc(x: Tensor) -> np.ndarray:
@@ -72,16 +80,25 @@ def _decode_images(model: torch.nn.Module, z: Tensor) -> Tensor:
     return model.mean_image(model.decode(z)).float()
 
 
+def decode_latents(model: torch.nn.Module, z: Tensor, device: torch.device | str | None = None) -> Tensor:
+    """Mean images of prior samples from noise already scaled by the temperature, ``z`` (N, latent_size): a
+    single latent's z itself (what ``vaejob.fid`` draws), every group's noise of a hierarchical model."""
+    return generate_from(model, z, 1.0, device)
+
+
 def _check_shape(model: torch.nn.Module, images: Tensor, what: str) -> None:
     if tuple(images.shape[1:]) != tuple(model.image_shape):
         raise ValueError(f"{what} have shape {tuple(images.shape[1:])}, model expects {model.image_shape}")
 
 
-def decode_latents(model: torch.nn.Module, z: Tensor, device: torch.device | str | None = None) -> Tensor:
-    """Mean images (N×C×H×W float in [0, 1]) of latents ``z``, decoded in eval and inference mode."""
+def generate_from(
+    model: torch.nn.Module, eps: Tensor, temperature: float = 1.0, device: torch.device | str | None = None
+) -> Tensor:
+    """Mean images (N×C×H×W in [0, 1]) of prior samples with standard-normal noise ``eps`` (N, latent_size),
+    each latent group's noise scaled by ``temperature``."""
     dev, dtype = _placement(model, device)
     with _evaluating(model):
-        return _decode_images(model, z.to(dev, dtype))
+        return model.mean_image(model.generate(eps.to(dev, dtype), temperature)).float()
 
 
 def generate(
@@ -91,22 +108,33 @@ def generate(
     device: torch.device | str | None = None,
     temperature: float = 1.0,
 ) -> Tensor:
-    """Decode ``n`` latents z ~ N(0, temperature² I) drawn from ``seed``; mean images (N×C×H×W, [0, 1]).
+    """Decode ``n`` prior samples at ``temperature`` drawn from ``seed``; mean images (N×C×H×W, [0, 1]).
 
-    The latents are drawn on the CPU with a private generator and then moved, so a seed gives the same z
+    The noise is drawn on the CPU with a private generator and then moved, so a seed gives the same samples
     on any device and the global RNG state is not touched.
     """
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    z = torch.randn(n, model.latent_dim, generator=gen) * temperature
-    return decode_latents(model, z, device)
+    return generate_from(model, torch.randn(n, model.latent_size, generator=gen), temperature, device)
 
 
 def reconstruct(model: torch.nn.Module, x: Tensor, device: torch.device | str | None = None) -> Tensor:
-    """Deterministic reconstructions decode(mu(x)) of images ``x`` (N×C×H×W in [0, 1]) as mean images."""
+    """Deterministic reconstructions of images ``x`` (N×C×H×W in [0, 1]) as mean images: z at the posterior
+    means (every group's, top-down), decoded."""
     dev, dtype = _placement(model, device)
     with _evaluating(model):
-        mu, _ = model.encode(unit_float(x).to(dev, dtype))
-        return _decode_images(model, mu)
+        x = unit_float(x).to(dev, dtype)
+        eps = torch.zeros(len(x), model.latent_size, device=dev)
+        return model.mean_image(model(x, eps=eps).params).float()
+
+
+def temperature_grid(
+    model: torch.nn.Module, seed: int, n: int = 8, device: torch.device | str | None = None
+) -> np.ndarray:
+    """One row of ``n`` samples per temperature in ``TEMPERATURES``, the same noise in each column."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    eps = torch.randn(n, model.latent_size, generator=gen)
+    rows = [to_uint8_nhwc(generate_from(model, eps, t, device)) for t in TEMPERATURES]
+    return plots.make_grid(np.concatenate(rows), n)
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -162,7 +190,7 @@ def write_samples(
         "seed": int(seed),
         "temperature": float(temperature),
         "image": {"channels": channels, "height": height, "width": width},
-        "latent_dim": int(model.latent_dim),
+        "latent_dim": int(model.latent_size),
         "num_recon": num_recon,
         "files": files,
     }
@@ -206,7 +234,7 @@ def _encode_val(
             break
     if not mus:
         empty = torch.zeros(0)
-        return empty.reshape(0, model.latent_dim), empty.long(), empty.reshape(0, *model.image_shape)
+        return empty.reshape(0, model.latent_size), empty.long(), empty.reshape(0, *model.image_shape)
     return torch.cat(mus), torch.cat(labels), torch.cat(kept)
 
 
@@ -290,13 +318,20 @@ def write_final_plots(
     ``val_batches`` yields loader dicts (``image`` N×C×H×W in [0, 1] or uint8, ``label`` int64 with -1 =
     none, ``valid`` bool); invalid rows are skipped and iteration stops once ``max_points`` images are
     encoded, so pass an iterable that may be abandoned part-way. ``records`` are metrics.jsonl events.
-    Files (and keys): ``loss_curves.png``, ``latent_scatter.png`` and ``interpolation.png`` (when there are
-    at least 1 and 2 val images), ``manifold.png`` (only when ``latent_dim == 2``).
+    Files (and keys): ``loss_curves.png``, ``temperatures.png``; for a model with one latent vector also
+    ``latent_scatter.png`` and ``interpolation.png`` (when there are at least 1 and 2 val images) and
+    ``manifold.png`` (only when ``latent_dim == 2``).
     """
     plots_dir = storage.join(root, "plots")
     dev, dtype = _placement(model, device)
     figures: dict[str, bytes] = {"loss_curves": plots.loss_curves(records)}
-    grids: dict[str, np.ndarray] = {}
+    grids: dict[str, np.ndarray] = {"temperatures": temperature_grid(model, seed=0, device=device)}
+    if not model.single_latent:
+        log.info(
+            "plots: latent_scatter, manifold and interpolation skipped: they need one latent vector and "
+            f"this model has {len(model.latent_groups)} latent groups"
+        )
+        val_batches = ()
     with _evaluating(model):
         mu, labels, images = _encode_val(model, val_batches, max_points, 2 * INTERP_PAIRS, dev, dtype)
         if len(mu):
@@ -304,7 +339,7 @@ def write_final_plots(
             figures["latent_scatter"] = plots.latent_scatter(
                 mu.numpy(), labels.numpy() if has_labels else None, label_names
             )
-        if model.latent_dim == 2:
+        if model.single_latent and model.latent_dim == 2:
             grids["manifold"] = plots.manifold_grid(_numpy_decoder(model, dev, dtype))
         if len(images) >= 2:
             grids["interpolation"] = _interpolation(model, mu, images, dev, dtype)

@@ -1,7 +1,8 @@
 """One pass over a split that measures a VAE the way training's validation and ``vaejob.evaluate`` both
-report it: −ELBO (one z per image, analytic KL), reconstruction, KL (total and per dimension), active latent
-units, dead units of a Dense bottleneck and per-class −ELBO, plus an optional per-image NLL estimate such as
-the importance-weighted bound (``iw_log_px``, Burda et al. 2016).
+report it: −ELBO (one z per image, analytic KL), reconstruction, KL (total, per latent group and, for one group,
+per dimension), active latent units (total and per group), dead units of a Dense bottleneck and per-class −ELBO,
+plus an optional per-image NLL estimate such as the importance-weighted bound (``iw_log_px``, Burda et al. 2016).
+Any model of ``vaejob.models`` (one interface: one latent group or many).
 
 Exact across ranks: padding rows are dropped, per-image values are summed in float64 and all-reduced, so
 every sample counts once. Where the noise comes from is the caller's choice: ``DeviceNoise`` (one device
@@ -24,7 +25,8 @@ from torch import Tensor
 from vaejob.config import LossConfig
 from vaejob.loader.batch import Batch, unit_float
 from vaejob.loss import LossOut, bits_per_dim, vae_loss
-from vaejob.model import VAE
+from vaejob.models import VAE
+from vaejob.models.base import repeat_features
 from vaejob.seeding import item_generator
 from vaejob.shards import ShardSet
 
@@ -33,15 +35,26 @@ IW_CHUNK = 100  # importance samples per image per decoder pass; fixed, as it sh
 
 
 class Noise(Protocol):
-    def draw(self, keys: Sequence[str] | None, n: int, dim: int, device: torch.device) -> Tensor: ...
+    def draw(self, keys: Sequence[str] | None, n: int, dim: int, device: torch.device) -> Tensor:
+        """(n, dim) standard-normal noise, one sample per image of a new batch."""
+        ...
+
+    def more(self, c: int, dim: int) -> Tensor:
+        """(n, c, dim): the next ``c`` samples of each image of the batch ``draw`` started (IW bounds)."""
+        ...
 
 
 class DeviceNoise:
     def __init__(self, seed: int, device: torch.device) -> None:
         self.gen = torch.Generator(device=device).manual_seed(seed)
+        self.n = 0
 
     def draw(self, keys: Sequence[str] | None, n: int, dim: int, device: torch.device) -> Tensor:
+        self.n = n
         return torch.randn((n, dim), generator=self.gen, device=device)
+
+    def more(self, c: int, dim: int) -> Tensor:
+        return torch.randn((self.n, c, dim), generator=self.gen, device=self.gen.device)
 
 
 class KeyedNoise:
@@ -58,16 +71,31 @@ class KeyedNoise:
         self.generators = [item_generator(self.seed, k) for k in keys]
         return torch.stack([torch.randn(dim, generator=g) for g in self.generators]).to(device)
 
+    def more(self, c: int, dim: int) -> Tensor:
+        return per_image_noise(self.generators)(c, dim)
+
+
+def per_image_noise(generators: Sequence[torch.Generator]) -> Callable[[int, int], Tensor]:
+    """``draw(c, dim) -> (N, c, dim)`` on the CPU: image i's next c samples from ``generators[i]``."""
+
+    def draw(c: int, dim: int) -> Tensor:
+        return torch.stack([torch.randn(c, dim, generator=g) for g in generators])
+
+    return draw
+
 
 class ElboSums:
     """Float64 per-rank sums of a pass (and the max activation of each bottleneck unit), reduced once."""
 
     SCALARS = ("count", "recon", "kl", "nelbo", "nll")
 
-    def __init__(self, latent_dim: int, num_classes: int, hidden_units: int, device: torch.device) -> None:
+    def __init__(
+        self, latent_groups: Sequence[int], num_classes: int, hidden_units: int, device: torch.device
+    ) -> None:
         z = dict(dtype=torch.float64, device=device)
+        self.groups = list(latent_groups)
         self.scalars = torch.zeros(len(self.SCALARS), **z)
-        self.kl_dim, self.mu, self.mu_sq = (torch.zeros(latent_dim, **z) for _ in range(3))
+        self.kl_dim, self.mu, self.mu_sq = (torch.zeros(sum(self.groups), **z) for _ in range(3))
         self.class_nelbo, self.class_count = torch.zeros(num_classes, **z), torch.zeros(num_classes, **z)
         self.hidden_max = torch.full((hidden_units,), -torch.inf, device=device) if hidden_units else None
         self.has_nll = False
@@ -116,6 +144,7 @@ class ElboSums:
         n = totals["count"]
         mean = {key: totals[key] / n for key in self.SCALARS[1:]}
         var = self.mu_sq / n - (self.mu / n) ** 2
+        active = (var > ACTIVE_UNIT_THRESHOLD).split(self.groups)
         record: dict[str, Any] = {
             "count": int(n),
             "nelbo": mean["nelbo"],
@@ -123,8 +152,13 @@ class ElboSums:
             "kl": mean["kl"],
             "active_units": int((var > ACTIVE_UNIT_THRESHOLD).sum().item()),
             "latent_dim": len(var),
-            "kl_per_dim": (self.kl_dim / n).tolist(),
         }
+        if len(self.groups) == 1:
+            record["kl_per_dim"] = (self.kl_dim / n).tolist()
+        else:  # a hierarchical model: thousands of units, reported per group
+            record["active_units_per_group"] = [int(a.sum().item()) for a in active]
+            record["latent_groups"] = self.groups
+            record["kl_per_group"] = [float(k.sum().item()) / n for k in self.kl_dim.split(self.groups)]
         if discrete:
             record["nelbo_bits_per_dim"] = bits_per_dim(mean["nelbo"], image_shape)
         if self.has_nll:
@@ -151,34 +185,31 @@ def iw_log_px(
     x: Tensor,
     k: int,
     *,
-    generators: Sequence[torch.Generator],
+    noise: Callable[[int, int], Tensor],
     chunk: int = IW_CHUNK,
 ) -> Tensor:
     """Importance-weighted estimate of log p(x) per image, float64 (N,) nats:
-    ``logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log k`` with z_k ~ q(z|x).
+    ``logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log k`` with z_k ~ q(z|x) over all latent groups.
 
-    ``x`` is N×C×H×W in [0, 1]; p(x|z) is the model's likelihood as evaluation reports it; image ``i``'s noise comes from ``generators[i]`` (CPU), drawn ``chunk``
-    samples at a time, so the result is a function of (model, x, generator states, k, chunk). Memory holds
-    N×chunk decoded images; the log-sum-exp runs over chunks in float64.
+    ``x`` is N×C×H×W in [0, 1]; p(x|z) is the model's likelihood as evaluation reports it; ``noise(c, D)`` gives
+    the next ``c`` standard-normal samples of every image, (N, c, D) (``per_image_noise``: one CPU generator per
+    image), so the result is a function of (model, x, noise, k, chunk). The encoder runs once; its features are
+    repeated for ``chunk`` samples at a time, so memory holds N×chunk decoded images; densities are fp32 and the
+    log-sum-exp runs over chunks in float64.
     """
-    if len(generators) != len(x) or k < 1 or chunk < 1:
-        raise ValueError(
-            f"need one generator per image, k >= 1 and chunk >= 1 (got {len(generators)}, {k}, {chunk})"
-        )
-    mu, logvar = (t.float() for t in model.encode(x))
-    std = torch.exp(0.5 * logvar)
-    n, d = mu.shape
+    if k < 1 or chunk < 1:
+        raise ValueError(f"need k >= 1 and chunk >= 1 (got {k}, {chunk})")
+    features = model.bottom_up(x)
+    n, d = len(x), model.latent_size
     total = torch.full((n,), -math.inf, dtype=torch.float64, device=x.device)
     for start in range(0, k, chunk):
         c = min(chunk, k - start)
-        eps = torch.stack([torch.randn(c, d, generator=g) for g in generators]).to(x.device)  # (N, c, D)
-        z = mu[:, None] + std[:, None] * eps
-        logits = model.decode(z.reshape(n * c, d))
-        x_rep = x[:, None].expand(n, c, *x.shape[1:]).reshape(n * c, *x.shape[1:])
-        log_px_z = -model.likelihood.eval_nll(logits, x_rep).view(n, c)
-        # log p(z) - log q(z|x) for diagonal Gaussians; the (2 pi) terms cancel.
-        log_prior_ratio = 0.5 * (eps.pow(2) + logvar[:, None] - z.pow(2)).sum(-1)
-        log_w = (log_px_z + log_prior_ratio).double()
+        eps = noise(c, d).to(x.device)  # (N, c, D)
+        if eps.shape != (n, c, d):
+            raise ValueError(f"noise gave {tuple(eps.shape)} for {n} images x {c} samples x {d} units")
+        out = model.top_down(repeat_features(features, c), eps.reshape(n * c, d))
+        log_px_z = -model.likelihood.eval_nll(out.params, x.repeat_interleave(c, 0))
+        log_w = (log_px_z + out.log_p - out.log_q).double().view(n, c)
         total = torch.logaddexp(total, torch.logsumexp(log_w, dim=1))
     return total - math.log(k)
 
@@ -205,7 +236,7 @@ def elbo_pass(
     each batch's valid inputs (e.g. to keep the first few for figures)."""
     device = acc.device
     to_input = to_input or (lambda images: unit_float(images.to(device, non_blocking=True)))
-    sums = ElboSums(model.latent_dim, num_classes, model.hidden_units, device)
+    sums = ElboSums(model.latent_groups, num_classes, model.hidden_units, device)
     for batch in batches:
         keep = batch["valid"].nonzero().flatten()
         if len(keep) == 0:
@@ -216,12 +247,11 @@ def elbo_pass(
         if on_images is not None:
             on_images(x)
         with acc.autocast():
-            mu, logvar, hidden = model.encode_hidden(x)
-            eps = noise.draw(keys, len(x), mu.shape[1], device)
-            logits = model.decode(mu.float() + torch.exp(0.5 * logvar.float()) * eps)
+            features = model.bottom_up(x)
+            out = model.top_down(features, noise.draw(keys, len(x), model.latent_size, device))
             image_nll = nll(model, x) if nll is not None else None
-        out = vae_loss(model.likelihood, logits, x, mu, logvar, loss_cfg, 1.0, evaluate=True)
-        sums.add(out, mu, labels, hidden, image_nll)
+        loss = vae_loss(model.likelihood, out, x, loss_cfg, 1.0, evaluate=True)
+        sums.add(loss, out.mean, labels, out.hidden, image_nll)
     sums.reduce(acc)
     return sums
 
@@ -250,14 +280,21 @@ class Validator:
         was_training = model.training
         model.eval()
         self.loader.set_epoch(0)
+        noise = DeviceNoise(self.seed, self.acc.device)  # the same z noise at every evaluation
+        k = self.loss_cfg.iw_samples
+
+        def iwae_nll(model: VAE, x: Tensor) -> Tensor:  # the bound an IWAE objective trains on
+            return -iw_log_px(model, x, k, noise=noise.more)
+
         sums = elbo_pass(
             self.acc,
             model,
             self.loader,
             self.loss_cfg,
-            DeviceNoise(self.seed, self.acc.device),  # the same z noise at every evaluation
+            noise,
             self.shards.num_classes,
             to_input=self.to_input,
+            nll=iwae_nll if k > 1 else None,
         )
         if was_training:
             model.train()
@@ -278,7 +315,9 @@ class Validator:
         }
         if "nelbo_bits_per_dim" in r:
             record["bits_per_dim"] = r["nelbo_bits_per_dim"]
-        for key in ("dead_hidden_units", "hidden_units"):
+        if "iw_nll" in r:
+            record.update(iw_nll=r["iw_nll"], iw_samples=k)
+        for key in ("active_units_per_group", "kl_per_group", "dead_hidden_units", "hidden_units"):
             if key in r:
                 record[key] = r[key]
         if skipped:  # undecodable images of an indexed set: not in count, each good one counted once

@@ -46,20 +46,44 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
 
 
 class StepGuard:
-    """train.on_nonfinite: ``stop`` (raise at the next check, keeping the last good checkpoint) or ``skip``."""
+    """Which updates are dropped: ``train.on_nonfinite`` = ``stop`` (raise at the next check, keeping the last good
+    checkpoint) or ``skip`` (drop a step whose gradient norm is not finite, at most ``train.max_skipped_steps`` in
+    all); ``train.skip_threshold`` > 0 also drops a step whose gradient norm (before clipping) exceeds it (VDVAE's
+    cure for its rare gradient spikes). More than ``train.max_consecutive_skips`` dropped in a row: it diverged."""
 
     def __init__(self, t: TrainConfig, device: torch.device, world: int) -> None:
         self.skip, self.max_skipped, self.world = t.on_nonfinite == "skip", t.max_skipped_steps, world
-        self.skipped_steps = 0
+        self.threshold, self.max_consecutive = t.skip_threshold, t.max_consecutive_skips
+        self.skipped_steps = 0  # every dropped update
+        self.nonfinite_skips = 0
+        self.consecutive = 0
         self.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
 
+    @property
+    def needs_grad_norm(self) -> bool:
+        return self.skip or self.threshold > 0
+
     def skips(self, grad_norm: torch.Tensor | None, step: int) -> bool:
-        """Whether to drop this step's update (skip policy and a non-finite gradient norm)."""
-        if not self.skip or grad_norm is None or torch.isfinite(grad_norm):
+        """Whether to drop this step's update (one host sync when a skip rule is on)."""
+        if not self.needs_grad_norm or grad_norm is None:
+            return False
+        norm = float(grad_norm)
+        nonfinite = self.skip and not math.isfinite(norm)
+        if not nonfinite and not (self.threshold > 0 and norm > self.threshold):
+            self.consecutive = 0
             return False
         self.skipped_steps += 1
-        if self.skipped_steps > self.max_skipped:
-            raise NonFiniteError(f"more than {self.max_skipped} non-finite steps (step {step})")
+        self.consecutive += 1
+        if nonfinite:
+            self.nonfinite_skips += 1
+            if self.nonfinite_skips > self.max_skipped:
+                raise NonFiniteError(f"more than {self.max_skipped} non-finite steps (step {step})")
+        if self.consecutive > self.max_consecutive:
+            raise NonFiniteError(
+                f"{self.consecutive} updates in a row skipped at step {step} (gradient norm {norm:.4g}, "
+                f"train.skip_threshold {self.threshold:g}): the run diverged; lower train.lr or raise "
+                "train.skip_threshold / train.max_consecutive_skips"
+            )
         return True
 
     def record(self, loss: torch.Tensor, step: int) -> None:

@@ -42,7 +42,7 @@ from vaejob.cli import (
 )
 from vaejob.config import prepare_storage
 from vaejob.loader import make_loader
-from vaejob.model import VAE
+from vaejob.models import VAE
 from vaejob.seeding import item_generator
 from vaejob.shards import sha256_file
 from vaejob.shards.codec import encode_image
@@ -64,10 +64,12 @@ def sample_key(index: int) -> str:
     return f"sample-{index:09d}"
 
 
-def latents(seed: int, start: int, stop: int, latent_dim: int, temperature: float) -> torch.Tensor:
-    """z of samples ``start .. stop-1``: N(0, temperature² I), each from its own ``(seed, index)`` generator."""
-    z = [torch.randn(latent_dim, generator=item_generator(seed, i)) for i in range(start, stop)]
-    return torch.stack(z) * temperature
+def noise(seed: int, start: int, stop: int, latent_size: int) -> torch.Tensor:
+    """The standard-normal noise of samples ``start .. stop-1`` (all latent groups), each from its own
+    ``(seed, index)`` generator."""
+    return torch.stack(
+        [torch.randn(latent_size, generator=item_generator(seed, i)) for i in range(start, stop)]
+    )
 
 
 def write_shard(
@@ -80,9 +82,11 @@ def write_shard(
     tar = TarWriter(buf)  # type: ignore[arg-type]
     for start in range(lo, hi, params["batch_size"]):
         stop = min(hi, start + params["batch_size"])
-        z = latents(params["seed"], start, stop, model.latent_dim, params["temperature"])
+        eps = noise(params["seed"], start, stop, model.latent_size)
         with acc.autocast():
-            images = figures.to_uint8_nhwc(figures.decode_latents(model, z, acc.device))
+            images = figures.to_uint8_nhwc(
+                figures.generate_from(model, eps, params["temperature"], acc.device)
+            )
         for i, image in zip(range(start, stop), images, strict=True):
             tar.add(f"{sample_key(i)}.{ENCODING}", encode_image(image, ENCODING))
         bar.update(stop - start)

@@ -42,7 +42,7 @@ from vaejob.lease import Lease, RunDirLost, hold
 from vaejob.loader import Batch, ShardLoader, make_loader, unit_float
 from vaejob.loss import LossOut, beta_at, vae_loss
 from vaejob.metrics import Validator
-from vaejob.model import VAE, build_model
+from vaejob.models import VAE, build_model
 from vaejob.optim import NonFiniteError, StepGuard, build_optimizer, lr_at, set_lr
 from vaejob.preempt import ABORT, StopRequest
 from vaejob.ranks import CpuGroup, describe_rank, is_collective_failure, replica_digest
@@ -146,6 +146,8 @@ class Trainer:
             "loader": self.train_loader.state_dict(),
             "wandb_run_id": self.run_id,
             "skipped_steps": self.guard.skipped_steps,
+            "nonfinite_skips": self.guard.nonfinite_skips,
+            "consecutive_skips": self.guard.consecutive,
             "world_size": self.world,
             "image_shape": list(self.image_shape),
             "ema_updates": self.ema.updates if self.ema is not None else None,
@@ -154,6 +156,8 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = state["step"]
         self.guard.skipped_steps = state.get("skipped_steps", 0)
+        self.guard.nonfinite_skips = state.get("nonfinite_skips", self.guard.skipped_steps)
+        self.guard.consecutive = state.get("consecutive_skips", 0)
         self.run_id = state.get("wandb_run_id", "")
         self.train_loader.load_state_dict(state["loader"])
         self.log.load_state_dict(state)
@@ -223,7 +227,8 @@ class Trainer:
             self.shards.label_names,
         )
         self.info(
-            f"training {cfg.model.name} VAE on {self.shards.root} {self.image_shape}: {self.world} process(es) "
+            f"training {cfg.model.name} VAE ({sum(p.numel() for p in self.unwrapped.parameters()) / 1e6:.2f}M "
+            f"parameters) on {self.shards.root} {self.image_shape}: {self.world} process(es) "
             f"x batch {cfg.train.batch_size}, {len(self.train_loader)} steps/epoch, "
             f"step {self.step} -> {cfg.train.max_steps}, run dir {cfg.run.dir}"
         )
@@ -328,16 +333,21 @@ class Trainer:
             yield from self.train_loader
 
     def train_step(self, batch: Batch) -> tuple[LossOut, float, torch.Tensor | None]:
-        t = self.cfg.train
+        t, loss_cfg = self.cfg.train, self.cfg.loss
         x = self.to_input(batch["image"])
         lr = lr_at(self.step, t)
         set_lr(self.opt, lr)
-        params, mu, logvar = self.model(x)
-        likelihood = self.unwrapped.likelihood
-        out = vae_loss(likelihood, params, x, mu, logvar, self.cfg.loss, beta_at(self.step, self.cfg.loss))
-        self.acc.backward(out.loss)
+        k = loss_cfg.iw_samples
+        model_out = self.model(x, samples=k) if k > 1 else self.model(x)
+        out = vae_loss(
+            self.unwrapped.likelihood, model_out, x, loss_cfg, beta_at(self.step, loss_cfg), samples=k
+        )
+        objective = out.loss
+        if loss_cfg.spectral_reg > 0:  # NVAE: bounds each layer's gain (vaejob.models.spectral)
+            objective = objective + loss_cfg.spectral_reg * self.unwrapped.spectral()
+        self.acc.backward(objective)
         grad_norm = None
-        if t.grad_clip > 0 or self.log.due(self.step + 1) or t.on_nonfinite == "skip":
+        if self.guard.needs_grad_norm or t.grad_clip > 0 or self.log.due(self.step + 1):
             grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), t.grad_clip or float("inf"))
         if self.guard.skips(grad_norm, self.step + 1):  # grads are all-reduced: every rank decides alike
             self.opt.zero_grad(set_to_none=True)
@@ -352,7 +362,9 @@ class Trainer:
     def validate(self) -> None:
         record = self.validator.run(self.eval_model, self.step)
         self.tracker.log(record)
-        units = {"active z": f"{record['active_units']}/{self.unwrapped.latent_dim}"}
+        units = {"active z": f"{record['active_units']}/{self.unwrapped.latent_size}"}
+        if "active_units_per_group" in record:
+            units["per group"] = "/".join(str(a) for a in record["active_units_per_group"])
         if "dead_hidden_units" in record:
             units["dead hidden"] = f"{record['dead_hidden_units']}/{record['hidden_units']}"
         # Stranded units show at the first evaluation, not only in metrics.jsonl after the run.

@@ -1,21 +1,21 @@
-"""VAE models: a convolutional VAE (the Keras/PyTorch notebooks' shape) and the classic MLP VAE.
+"""The seed notebooks' models: a convolutional VAE (the Keras/PyTorch notebooks' shape) and the classic MLP VAE.
 
 Both map images in [0,1] (N,C,H,W) to (mu, logvar) and latents back to the parameters of the decoder's
 likelihood (``vaejob.likelihoods``: a submodule, so a learned scale trains, checkpoints and syncs with the rest):
-as many channels per pixel as it needs.
+as many channels per pixel as it needs. Their parameter names are those of every checkpoint written so far.
 """
 
 from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor, nn
 
-from vaejob.config import LossConfig, ModelConfig
-from vaejob.likelihoods import Likelihood, build_likelihood
+from vaejob.config import ModelConfig
+from vaejob.likelihoods import Likelihood
+from vaejob.models.base import SingleLatentVAE
 
-_ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "silu": nn.SiLU, "gelu": nn.GELU, "elu": nn.ELU}
+ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "silu": nn.SiLU, "gelu": nn.GELU, "elu": nn.ELU}
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -31,58 +31,39 @@ def _down_size(size: int, kernel: int) -> int:
     return (size + 2 * (kernel // 2) - kernel) // 2 + 1
 
 
-class VAE(nn.Module):
-    """Encoder -> (mu, logvar); decoder z -> likelihood parameters. Subclasses build ``encoder``/``decoder``."""
+class DenseHeadVAE(SingleLatentVAE):
+    """Encoder -> features -> (optional Dense bottleneck) -> (mu, logvar); decoder z -> likelihood parameters."""
 
-    latent_dim: int
-    image_shape: tuple[int, int, int]
-    likelihood: Likelihood
     encoder: nn.Module  # x -> features (N, F)
     hidden: nn.Module  # features -> bottleneck activations (Identity when there is no bottleneck)
     to_mu: nn.Linear
     to_logvar: nn.Linear
     decoder: nn.Module  # z -> likelihood parameters (N, P, H, W)
 
-    def encode_hidden(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def encode_hidden(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         h = self.hidden(self.encoder(x))
-        return self.to_mu(h), self.to_logvar(h), h
-
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        mu, logvar, _ = self.encode_hidden(x)
-        return mu, logvar
+        return self.to_mu(h), self.to_logvar(h), h if self.has_bottleneck else None
 
     def decode(self, z: Tensor) -> Tensor:
         return self.decoder(z)
-
-    @staticmethod
-    def reparameterize(mu: Tensor, logvar: Tensor) -> Tensor:
-        return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        mu, logvar = self.encode(x)
-        return self.decode(self.reparameterize(mu, logvar)), mu, logvar
-
-    def mean_image(self, params: Tensor) -> Tensor:
-        """The decoder's mean image in [0,1]: what samples and reconstructions show."""
-        return self.likelihood.mean(params)
 
     @property
     def has_bottleneck(self) -> bool:
         return not isinstance(self.hidden, nn.Identity)
 
     @property
-    def hidden_units(self) -> int:
+    def hidden_units(self) -> int:  # type: ignore[override]
         """Width of the Dense bottleneck (0 without one): the units whose death strands a model."""
         return self.to_mu.in_features if self.has_bottleneck else 0
 
 
-class ConvVAE(VAE):
+class ConvVAE(DenseHeadVAE):
     def __init__(self, cfg: ModelConfig, image_shape: tuple[int, int, int], likelihood: Likelihood):
         super().__init__()
         c, h, w = image_shape
         self.likelihood = likelihood
         self.latent_dim, self.image_shape = cfg.latent_dim, image_shape
-        act, k = _ACTIVATIONS[cfg.activation], cfg.kernel_size
+        act, k = ACTIVATIONS[cfg.activation], cfg.kernel_size
         sizes = [(h, w)]
         layers: list[nn.Module] = []
         prev = c
@@ -116,11 +97,11 @@ class ConvVAE(VAE):
         self.decoder = nn.Sequential(*dec)
 
 
-class MlpVAE(VAE):
+class MlpVAE(DenseHeadVAE):
     def __init__(self, cfg: ModelConfig, image_shape: tuple[int, int, int], likelihood: Likelihood):
         super().__init__()
         self.latent_dim, self.image_shape, self.likelihood = cfg.latent_dim, image_shape, likelihood
-        act = _ACTIVATIONS[cfg.activation]
+        act = ACTIVATIONS[cfg.activation]
         pixels = math.prod(image_shape)
         enc: list[nn.Module] = [nn.Flatten()]
         prev = pixels
@@ -139,17 +120,3 @@ class MlpVAE(VAE):
         out = likelihood.param_channels(c)
         dec += [nn.Linear(prev, out * h * w), nn.Unflatten(1, (out, h, w))]
         self.decoder = nn.Sequential(*dec)
-
-
-def build_model(cfg: ModelConfig, loss: LossConfig, image_shape: tuple[int, int, int]) -> VAE:
-    c, h, w = image_shape
-    likelihood = build_likelihood(loss, c)
-    if cfg.name == "conv":
-        min_side = 2 ** len(cfg.channels)
-        if min(h, w) < min_side:
-            raise ValueError(
-                f"model.channels has {len(cfg.channels)} stride-2 blocks but the images are {h}x{w}; "
-                "use fewer blocks or a larger --size"
-            )
-        return ConvVAE(cfg, image_shape, likelihood)
-    return MlpVAE(cfg, image_shape, likelihood)
