@@ -140,6 +140,8 @@ def test_kid_std_is_a_spread_even_when_the_sets_are_no_bigger_than_a_subset() ->
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(1000, 64)), rng.normal(0.1, 1.0, size=(1000, 64))
     mean, std = kernel_inception_distance(a, b)
-    big_mean, big_std = kernel_inception_distance(rng.normal(size=(3000, 64)), rng.normal(0.1, 1.0, (3000, 64)))
+    big_mean, big_std = kernel_inception_distance(
+        rng.normal(size=(3000, 64)), rng.normal(0.1, 1.0, (3000, 64))
+    )
     assert std > 0.05 * abs(mean) and big_std > 0
     assert mean == pytest.approx(big_mean, rel=0.3)  # the same distance, whichever subset size

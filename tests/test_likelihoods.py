@@ -115,3 +115,20 @@ def test_an_rgb_run_reports_bits_per_dim_in_a_sane_range(tiny_shards, tmp_path, 
         assert val[-1]["bits_per_dim"] < 8, val  # sigma = 0.1 cannot go below 6 bits/dim even when exact
     assert all(v["bits_per_dim"] == pytest.approx(v["nelbo"] / (3 * 16 * 16 * math.log(2))) for v in val)
     assert val[-1]["nelbo"] < val[0]["nelbo"]  # it learns
+
+
+@pytest.mark.parametrize("log_scale", [3.0, 10.0, 37.0])
+def test_a_wide_discretized_gaussian_keeps_its_small_masses_finite_and_right(log_scale: float) -> None:
+    # A scale far above a level's width (the log scale of a diverging or barely trained decoder) used to give
+    # -inf: the two log-CDFs agree in float32, so 1 - exp(difference) rounded to 0.
+    lik = DiscretizedGaussian(1, "channel")
+    with torch.no_grad():
+        lik.log_scale.fill_(log_scale)
+    x = LEVELS[1:255].view(-1, 1, 1, 1)  # interior levels: the edge bins hold half the mass each
+    nll = lik.nll(torch.zeros_like(x), x)
+    sigma = math.exp(log_scale)
+    # The bin's mass is the density at the level times its width (2/255 on the [-1, 1] scale), to O((w/σ)²).
+    z = (x.double().flatten() * 2 - 1) / sigma
+    expected = -(-0.5 * z**2 - 0.5 * math.log(2 * math.pi) + math.log(2 / 255 / sigma))
+    assert torch.isfinite(nll).all()
+    assert torch.allclose(nll.double(), expected, rtol=1e-4)
