@@ -218,21 +218,41 @@ def print_rates(rates: Rates, per_cpu: Rates) -> None:
     print()
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--num", type=int, default=20000, help="images (default 20000; 2000 = quick)")
+def loader_args(
+    argv: list[str] | None,
+    doc: str,
+    num: int,
+    num_help: str,
+    batch_size: int,
+    shuffle_buffer: int,
+    repeats: int,
+) -> argparse.Namespace:
+    """The flags every loader benchmark shares, with each one's own defaults."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--num", type=int, default=num, help=f"{num_help} (default {num}; {num // 10} = quick)")
     p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers for every method (default 2)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--shuffle-buffer", type=int, default=2000, help="samples, vaejob and webdataset alike")
-    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds (default 5)")
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument(
+        "--shuffle-buffer", type=int, default=shuffle_buffer, help="samples, vaejob and webdataset alike"
+    )
+    p.add_argument("--repeats", type=int, default=repeats, help=f"interleaved rounds (default {repeats})")
     p.add_argument("--dir", help="keep the generated data here (default: a temporary directory, removed)")
-    args = p.parse_args(argv)
-    print("$ " + shlex.join(["python", *sys.argv] if argv is None else ["python", __file__, *argv]))
+    return p.parse_args(argv)
+
+
+def print_header(argv: list[str] | None, what: str, args: argparse.Namespace) -> None:
+    """The command line and the conditions, so a pasted result says how it was made."""
+    print("$ " + shlex.join(["python", *sys.argv] if argv is None else ["python", sys.argv[0], *argv]))
     print(
-        f"torch {torch.__version__}, {os.cpu_count()} CPUs, {args.num} images {args.size}x{args.size} RGB, "
+        f"torch {torch.__version__}, {os.cpu_count()} CPUs, {args.num} {what}, "
         f"batch {args.batch_size}, {args.workers} workers, {args.repeats} rounds"
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = loader_args(argv, __doc__, 20000, "images", batch_size=256, shuffle_buffer=2000, repeats=5)
+    print_header(argv, f"images {args.size}x{args.size} RGB", args)
 
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="vaejob-bench-"))
     try:

@@ -19,10 +19,7 @@ indexes them with ``vaejob.shard --index``, then:
 
 from __future__ import annotations
 
-import argparse
 import io
-import os
-import shlex
 import shutil
 import statistics
 import sys
@@ -40,7 +37,7 @@ from vaejob.shards import open_shards
 from vaejob.shards.codec import DRAFT_OVERSAMPLE, fit_image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data_throughput import VaejobEpochs, count, interleaved, print_rates  # noqa: E402  (the sibling benchmark's helpers)
+from data_throughput import VaejobEpochs, count, interleaved, loader_args, print_header, print_rates  # noqa: E402  (the sibling benchmark's helpers)
 
 TOLERANCE = 1.0  # mean |difference| in grey levels that still counts as the same image
 
@@ -178,20 +175,8 @@ def webdataset_loader(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--num", type=int, default=4000, help="JPEGs (default 4000; 400 = quick)")
-    p.add_argument("--size", type=int, default=64, help="output side (default 64)")
-    p.add_argument("--workers", type=int, default=2, help="loader workers, both loaders (default 2)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--shuffle-buffer", type=int, default=1000)
-    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds (default 3)")
-    p.add_argument("--dir", help="keep the generated data here (default: a temporary directory, removed)")
-    args = p.parse_args(argv)
-    print("$ " + shlex.join(["python", *sys.argv] if argv is None else ["python", __file__, *argv]))
-    print(
-        f"torch {torch.__version__}, {os.cpu_count()} CPUs, {args.num} JPEGs 256..512 px -> {args.size}x{args.size}, "
-        f"batch {args.batch_size}, {args.workers} workers, {args.repeats} rounds"
-    )
+    args = loader_args(argv, __doc__, 4000, "JPEGs", batch_size=128, shuffle_buffer=1000, repeats=3)
+    print_header(argv, f"JPEGs 256..512 px -> {args.size}x{args.size}", args)
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="vaejob-decode-"))
     tars = root / "tars"
     try:

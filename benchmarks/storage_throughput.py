@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import shutil
 import statistics
 import sys
@@ -29,11 +28,10 @@ import time
 from pathlib import Path
 
 import fsspec
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
-from data_throughput import VaejobEpochs, interleaved, print_rates  # noqa: E402  (the sibling benchmark)
+from data_throughput import VaejobEpochs, interleaved, print_header, print_rates  # noqa: E402  (the sibling benchmark)
 
 from tests.s3server import S3Server  # noqa: E402  (the tests' S3 server)
 from vaejob import shard, storage  # noqa: E402
@@ -49,11 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shuffle-buffer", type=int, default=2000)
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds (default 3)")
     args = p.parse_args(argv)
-    print("$ " + shlex.join(["python", *sys.argv] if argv is None else ["python", __file__, *argv]))
-    print(
-        f"torch {torch.__version__}, {os.cpu_count()} CPUs, {args.num} images {args.size}x{args.size} npy, "
-        f"batch {args.batch_size}, {args.workers} workers, {args.repeats} rounds"
-    )
+    print_header(argv, f"images {args.size}x{args.size} npy", args)
     server = S3Server(auth=False, bucket="vaejob-bench").start()
     os.environ.update(server.env())
     root = Path(tempfile.mkdtemp(prefix="vaejob-storage-"))
