@@ -3,6 +3,7 @@
     python benchmarks/quality.py                                  # 10 min each, IW-NLL K=100, no FID (~35 min)
     python benchmarks/quality.py --budget-s 300 --iw-samples 1000 --fid 10000 --json quality.json
     python benchmarks/quality.py --families conv hvae --set train.batch_size=64 --launch python
+    python benchmarks/quality.py --budget-s 360 --iw-samples 10 --family-set conv:train.max_steps=8424
 
 Each family trains with its config (``configs/fashion_mnist.yaml``, ``fashion_mnist_resnet.yaml``,
 ``fashion_mnist_hvae.yaml``) exactly as a user launches it (``benchmarks/time_to_quality.py``'s launch:
@@ -171,10 +172,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--launch", choices=["accelerate", "python", "gpu"], default="accelerate")
     p.add_argument("--nproc", type=int, default=2, help="processes with --launch accelerate or gpu")
     p.add_argument("--set", nargs="*", default=[], metavar="key=value", help="overrides for every family")
+    p.add_argument(
+        "--family-set",
+        action="append",
+        default=[],
+        metavar="FAMILY:key=value",
+        help="an override for one family, e.g. conv:train.max_steps=8424 (so each fills the budget)",
+    )
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args(argv)
     if args.iw_samples < 1 or args.fid < 0 or args.budget_s <= 0:
         p.error("--iw-samples must be >= 1, --fid >= 0 and --budget-s > 0")
+    per_family: dict[str, list[str]] = {f: [] for f in CONFIGS}
+    for item in args.family_set:
+        family, _, kv = item.partition(":")
+        if family not in CONFIGS or "=" not in kv:
+            p.error(f"--family-set {item!r}: use FAMILY:key=value with FAMILY one of {', '.join(CONFIGS)}")
+        per_family[family].append(kv)
     work = args.work or Path(tempfile.mkdtemp(prefix="vaejob-quality-"))
     work.mkdir(parents=True, exist_ok=True)
     shards = args.shards or ensure_shards(work / "shards", None)
@@ -182,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, Any]] = {}
     for family in args.families:
         print(f"{family}: training for up to {args.budget_s:.0f} s ...", flush=True)
-        trained = train_for(family, shards, work, args.budget_s, overrides, args.launch, args.nproc)
+        sets = overrides + per_family[family]
+        trained = train_for(family, shards, work, args.budget_s, sets, args.launch, args.nproc)
         print(f"{family}: {trained['state']} at step {trained['step']}; evaluating ...", flush=True)
         ev = evaluate_run(
             family, trained["run_dir"], work, args.iw_samples, args.fid, args.launch, args.nproc
