@@ -97,10 +97,10 @@ def train_for(
 
 
 def evaluate_run(
-    family: str, run_dir: str, work: Path, iw_samples: int, fid: int, launch: str, nproc: int
+    family: str, run_dir: str, work: Path, iw_samples: int, fid: list[str], launch: str, nproc: int
 ) -> dict[str, Any]:
     """``vaejob.evaluate`` on the run's newest checkpoint (the job's own evaluator, same launch as training)."""
-    args = ["--run", run_dir, "--iw-samples", str(iw_samples), "--fid", str(fid)]
+    args = ["--run", run_dir, "--iw-samples", str(iw_samples), *fid]
     cmd, env = vaejob_cmd(launch, nproc, CONFIGS[family], [])
     cmd = [*cmd[: cmd.index(str(TRAIN))], "-m", "vaejob.evaluate", *args]  # accelerate launch's -m: a module
     log_path = work / f"{family}-eval.log"
@@ -162,6 +162,12 @@ def main(argv: list[str] | None = None) -> int:
         "--iw-samples", type=int, default=100, help="importance samples K of the IW-NLL (default 100)"
     )
     p.add_argument("--fid", type=int, default=0, help="generated images for FID/KID (default 0: off)")
+    p.add_argument(
+        "--fid-real", type=int, default=0, help="real val images FID compares with (default 0: all)"
+    )
+    p.add_argument(
+        "--fid-network", choices=["pytorch-fid", "fid-helper"], help="default: the configs' fid.network"
+    )
     p.add_argument("--families", nargs="+", choices=sorted(CONFIGS), default=["conv", "resnet", "hvae"])
     p.add_argument(
         "--likelihood", default="discretized_logistic_mixture", help="loss.likelihood of every family"
@@ -181,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args(argv)
-    if args.iw_samples < 1 or args.fid < 0 or args.budget_s <= 0:
+    if args.iw_samples < 1 or args.fid < 0 or args.fid_real < 0 or args.budget_s <= 0:
         p.error("--iw-samples must be >= 1, --fid >= 0 and --budget-s > 0")
     per_family: dict[str, list[str]] = {f: [] for f in CONFIGS}
     for item in args.family_set:
@@ -189,6 +195,11 @@ def main(argv: list[str] | None = None) -> int:
         if family not in CONFIGS or "=" not in kv:
             p.error(f"--family-set {item!r}: use FAMILY:key=value with FAMILY one of {', '.join(CONFIGS)}")
         per_family[family].append(kv)
+    fid = ["--fid", str(args.fid)]
+    if args.fid and args.fid_real:
+        fid += ["--fid-real", str(args.fid_real)]
+    if args.fid and args.fid_network:
+        fid += ["--fid-network", args.fid_network]
     work = args.work or Path(tempfile.mkdtemp(prefix="vaejob-quality-"))
     work.mkdir(parents=True, exist_ok=True)
     shards = args.shards or ensure_shards(work / "shards", None)
@@ -199,9 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         sets = overrides + per_family[family]
         trained = train_for(family, shards, work, args.budget_s, sets, args.launch, args.nproc)
         print(f"{family}: {trained['state']} at step {trained['step']}; evaluating ...", flush=True)
-        ev = evaluate_run(
-            family, trained["run_dir"], work, args.iw_samples, args.fid, args.launch, args.nproc
-        )
+        ev = evaluate_run(family, trained["run_dir"], work, args.iw_samples, fid, args.launch, args.nproc)
         results[family] = {"train": trained, "eval": ev}
     lines = report(results)
     print("\n".join(lines))
