@@ -96,10 +96,10 @@ def seed_loop(shards: str, seed: int, epochs: int, events_path: str) -> None:
                 for i in range(0, len(val), 500):
                     x = val[i : i + 500]
                     features = model.bottom_up(x)
-                    out = model.top_down(features, torch.randn(features[0].shape, generator=gen))
-                    total += vae_loss(model.likelihood, out, x, cfg.loss, 1.0).nelbo.double().sum().item()
-                    mus.append(out.mean)
-                    hmax = out.hidden.amax(0)
+                    res = model.top_down(features, torch.randn(features[0].shape, generator=gen))
+                    total += vae_loss(model.likelihood, res, x, cfg.loss, 1.0).nelbo.double().sum().item()
+                    mus.append(res.mean)
+                    hmax = res.hidden.amax(0)
                     hidden_max = hmax if hidden_max is None else torch.maximum(hidden_max, hmax)
             event = {
                 "epoch": epoch,
