@@ -31,18 +31,24 @@ HVAE = {
 def test_skip_threshold_drops_big_updates_and_caps_consecutive_skips() -> None:
     cfg = load_config(None, ["train.skip_threshold=10", "train.max_consecutive_skips=2"])
     guard = StepGuard(cfg.train, torch.device("cpu"), 1)
-    assert guard.needs_grad_norm
-    assert not guard.skips(torch.tensor(5.0), 1)
-    assert guard.skips(torch.tensor(50.0), 2) and guard.skipped_steps == 1
-    assert not guard.skips(torch.tensor(9.0), 3) and guard.consecutive == 0  # a good step resets the run
-    assert guard.skips(torch.tensor(11.0), 4) and guard.skips(torch.tensor(float("inf")), 5)
+    loss = torch.tensor(1.0)
+    assert guard.needs_host_sync
+    assert not guard.skips(loss, torch.tensor(5.0), 1)
+    assert guard.skips(loss, torch.tensor(50.0), 2) and guard.skipped_steps == 1
+    assert not guard.skips(loss, torch.tensor(9.0), 3) and guard.consecutive == 0  # a good step resets the run
+    assert guard.skips(loss, torch.tensor(11.0), 4) and guard.skips(loss, torch.tensor(float("inf")), 5)
     with pytest.raises(
         NonFiniteError, match=r"3 updates in a row skipped at step 6 .*train.skip_threshold 10"
     ):
-        guard.skips(torch.tensor(12.0), 6)
+        guard.skips(loss, torch.tensor(12.0), 6)
     assert guard.skipped_steps == 4 and guard.nonfinite_skips == 0
     off = StepGuard(load_config(None, []).train, torch.device("cpu"), 1)
-    assert not off.needs_grad_norm and not off.skips(torch.tensor(1e30), 1)
+    assert not off.needs_host_sync and not off.skips(loss, torch.tensor(1e30), 1)
+    # Under loss scaling an infinite norm with a finite loss is the scaler's overflow: not dropped, not counted.
+    scaled = StepGuard(load_config(None, ["train.on_nonfinite=skip"]).train, torch.device("cpu"), 1)
+    assert not scaled.skips(loss, torch.tensor(float("inf")), 1, scaled=True) and scaled.skipped_steps == 0
+    assert scaled.skips(torch.tensor(float("nan")), torch.tensor(float("inf")), 2, scaled=True)
+    assert scaled.nonfinite_skips == 1
 
 
 def test_job_stops_when_every_update_is_skipped(tiny_shards: str, tmp_path: Path) -> None:

@@ -103,7 +103,7 @@ class ElboSums:
     def add(
         self, out: LossOut, mu: Tensor, labels: Tensor, hidden: Tensor | None, nll: Tensor | None
     ) -> None:
-        nelbo = out.nelbo.double()
+        nelbo = out.recon.double() + out.kl.double()  # in float64: the reported -ELBO is recon + KL exactly
         zero = torch.zeros_like(nelbo)
         per_image = (
             torch.ones_like(nelbo),

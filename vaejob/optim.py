@@ -49,7 +49,12 @@ class StepGuard:
     """Which updates are dropped: ``train.on_nonfinite`` = ``stop`` (raise at the next check, keeping the last good
     checkpoint) or ``skip`` (drop a step whose gradient norm is not finite, at most ``train.max_skipped_steps`` in
     all); ``train.skip_threshold`` > 0 also drops a step whose gradient norm (before clipping) exceeds it (VDVAE's
-    cure for its rare gradient spikes). More than ``train.max_consecutive_skips`` dropped in a row: it diverged."""
+    cure for its rare gradient spikes). More than ``train.max_consecutive_skips`` dropped in a row: it diverged.
+
+    Under fp16 loss scaling (``scaled``: a GradScaler) a non-finite gradient norm with a finite loss is a loss-scale
+    overflow, routine and the scaler's to handle (its ``step`` skips the update and lowers the scale): it is
+    neither dropped here nor counted. Only a non-finite loss is a non-finite step there.
+    """
 
     def __init__(self, t: TrainConfig, device: torch.device, world: int) -> None:
         self.skip, self.max_skipped, self.world = t.on_nonfinite == "skip", t.max_skipped_steps, world
@@ -57,17 +62,21 @@ class StepGuard:
         self.skipped_steps = 0  # every dropped update
         self.nonfinite_skips = 0
         self.consecutive = 0
-        self.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        # The first step (1-based) whose loss, or (unscaled) gradient under a finite loss, was not finite.
+        self.first_bad = torch.full((2,), -1, dtype=torch.long, device=device)
 
     @property
-    def needs_grad_norm(self) -> bool:
+    def needs_host_sync(self) -> bool:
         return self.skip or self.threshold > 0
 
-    def skips(self, grad_norm: torch.Tensor | None, step: int) -> bool:
-        """Whether to drop this step's update (one host sync when a skip rule is on)."""
-        if not self.needs_grad_norm or grad_norm is None:
+    def skips(self, loss: torch.Tensor, grad_norm: torch.Tensor, step: int, scaled: bool = False) -> bool:
+        """Whether to drop this step's update (one host sync when a skip rule is on). Every rank decides alike:
+        the gradient norm is of the all-reduced gradients, and whether a loss was finite is agreed."""
+        if not self.needs_host_sync:
             return False
         norm = float(grad_norm)
+        if not math.isfinite(norm) and scaled and self._all_finite(loss):
+            return False  # a loss-scale overflow: the scaler's
         nonfinite = self.skip and not math.isfinite(norm)
         if not nonfinite and not (self.threshold > 0 and norm > self.threshold):
             self.consecutive = 0
@@ -86,16 +95,31 @@ class StepGuard:
             )
         return True
 
-    def record(self, loss: torch.Tensor, step: int) -> None:
-        """Remember the first step whose loss was not finite, on the device (no host sync)."""
-        bad = ~torch.isfinite(loss.detach())
-        self.first_bad_step.copy_(torch.where(bad & (self.first_bad_step < 0), step, self.first_bad_step))
-
-    def check(self) -> None:
-        """Collective: raise ``NonFiniteError`` on every rank if any rank saw a non-finite loss."""
-        bad = self.first_bad_step.clone()
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        """Collective (reached by every rank together: all of them saw the same non-finite norm)."""
+        bad = (~torch.isfinite(loss.detach())).to(torch.long).reshape(1)
         if self.world > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        first = int(bad)
-        if first >= 0:
-            raise NonFiniteError(f"non-finite loss at step {first}")
+        return not bool(bad)
+
+    def record(self, loss: torch.Tensor, grad_norm: torch.Tensor, step: int, scaled: bool = False) -> None:
+        """Remember, on the device (no host sync), the first applied step whose loss or gradient was not finite:
+        a NaN gradient under a finite loss makes NaN weights as surely as a NaN loss does. Under loss scaling a
+        non-finite gradient is an overflow the scaler did not apply, so only the loss counts there."""
+        bad = ~torch.isfinite(loss.detach())
+        if not scaled:
+            bad = torch.stack([bad, ~torch.isfinite(grad_norm.detach()) & ~bad])
+        else:
+            bad = torch.stack([bad, torch.zeros_like(bad)])
+        self.first_bad.copy_(torch.where(bad & (self.first_bad < 0), step, self.first_bad))
+
+    def check(self) -> None:
+        """Collective: raise ``NonFiniteError`` on every rank if any rank saw a non-finite loss or gradient."""
+        bad = self.first_bad.clone()
+        if self.world > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        loss_step, grad_step = bad.tolist()
+        if grad_step >= 0 and (loss_step < 0 or grad_step < loss_step):
+            raise NonFiniteError(f"non-finite gradient at step {grad_step} (its loss was finite)")
+        if loss_step >= 0:
+            raise NonFiniteError(f"non-finite loss at step {loss_step}")

@@ -8,7 +8,12 @@ import hashlib
 import torch
 
 
+def derived_seed(seed: int, item: str | int) -> int:
+    """A 63-bit seed of its own for ``item`` under ``seed`` (a hash, so nearby seeds and items do not collide)."""
+    digest = hashlib.sha256(f"{seed}:{item}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
 def item_generator(seed: int, item: str | int) -> torch.Generator:
     """A private CPU generator seeded by ``(seed, item)``, ``item`` a sample key or a global index."""
-    digest = hashlib.sha256(f"{seed}:{item}".encode()).digest()
-    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "big") >> 1)
+    return torch.Generator(device="cpu").manual_seed(derived_seed(seed, item))

@@ -207,17 +207,26 @@ class TrainLog:
         """Whether the step that ends at ``step`` (1-based) closes a window."""
         return step % self.every == 0
 
-    def add(self, loss: torch.Tensor, recon: torch.Tensor, kl: torch.Tensor, images: int) -> None:
-        self.window += torch.stack([loss.detach(), recon.detach().mean(), kl.detach().mean()])
-        self.steps += 1
+    def add(
+        self, loss: torch.Tensor, recon: torch.Tensor, kl: torch.Tensor, images: int, applied: bool = True
+    ) -> None:
+        """One step's numbers; a dropped update's (a NaN loss in skip mode) stay out of the averages, its images
+        count for the throughput."""
+        if applied:
+            self.window += torch.stack([loss.detach(), recon.detach().mean(), kl.detach().mean()])
+            self.steps += 1
         self.images += images
         if self.bar is not None:
             self.bar.update(1)
 
     def write(
         self, step: int, *, lr: float, beta: float, grad_norm: float | None, epoch: int, skipped_steps: int
-    ) -> dict[str, Any]:
-        """Collective: reduce the window, log one train record, start a new window."""
+    ) -> dict[str, Any] | None:
+        """Collective: reduce the window, log one train record, start a new window. A window whose every update
+        was dropped has nothing to average: no record, and the next one covers its time (every rank has the
+        same count: the skip decisions are rank-identical)."""
+        if self.steps == 0:
+            return None
         sums = self.acc.reduce(self.window, reduction="mean").tolist()
         n = self.steps
         record = {

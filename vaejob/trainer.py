@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -47,10 +48,19 @@ from vaejob.optim import NonFiniteError, StepGuard, build_optimizer, lr_at, set_
 from vaejob.preempt import ABORT, StopRequest
 from vaejob.ranks import CpuGroup, describe_rank, is_collective_failure, replica_digest
 from vaejob.rundir import RunDir
+from vaejob.seeding import derived_seed
 from vaejob.shards import DataError, ShardSet, open_shards
 from vaejob.tracking import Tracker, TrainLog, read_metrics, resolve_run_id
 
 log = logging.getLogger(LOG_NAME)
+
+
+@dataclass
+class StepResult:
+    out: LossOut
+    lr: float
+    grad_norm: torch.Tensor  # before clipping; of the unscaled gradients under fp16 loss scaling
+    applied: bool  # False: the step guard dropped the update (a loss-scale overflow is the scaler's, and True)
 
 
 class Trainer:
@@ -83,6 +93,14 @@ class Trainer:
         if t.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model, self.opt = self.acc.prepare(model, build_optimizer(model, t))
+        # From here on each rank draws its own noise (the reparameterisation's ε): the same ε on every rank
+        # would give W processes' batches one process's gradient noise. Checkpoints keep each rank's RNG state.
+        torch.manual_seed(derived_seed(t.seed, f"rank{self.rank}"))
+        if t.mixed_precision == "fp16" and self.acc.scaler is None and self.acc.is_main_process:
+            log.warning(
+                "train.mixed_precision=fp16 runs in fp32 on a CPU: accelerate has no fp16 autocast or loss "
+                "scaling there; use bf16 (or auto) for mixed precision on a CPU"
+            )
         if t.compile:
             self.model = torch.compile(self.model, mode=None if t.compile is True else t.compile)
         self.train_loader = self._loader("train")
@@ -286,25 +304,30 @@ class Trainer:
         batches = self.train_batches()
         self.model.train()
         while self.step < max_steps:
-            out, lr, grad_norm = self.train_step(next(batches))
+            done = self.train_step(next(batches))
             self.step += 1
             if self.shards.indexed and self.train_loader.batch == len(self.train_loader):
                 self.log.epoch_skips(self.step, self.train_loader.epoch, self.train_loader.skipped)
             final = self.step == max_steps
-            self.log.add(out.loss, out.recon, out.kl, images=len(out.recon) * self.world)
+            out = done.out
+            self.log.add(out.loss, out.recon, out.kl, len(out.recon) * self.world, applied=done.applied)
             if self.log.due(self.step) or final:
                 self.guard.check()
                 self.log.write(
                     self.step,
-                    lr=lr,
+                    lr=done.lr,
                     beta=beta_at(self.step - 1, self.cfg.loss),
-                    grad_norm=float(grad_norm) if grad_norm is not None else None,
+                    grad_norm=float(done.grad_norm),
                     epoch=self.train_loader.epoch,
                     skipped_steps=self.guard.skipped_steps,
                 )
-            if self.validator.due(self.step) or final:
+            evaluate_now = self.validator.due(self.step) or final
+            fid_now = self.fid is not None and (self.step % self.cfg.train.fid_every == 0 or final)
+            if evaluate_now or fid_now:
+                self.share_rank0_buffers()
+            if evaluate_now:
                 self.validate()
-            if self.fid is not None and (self.step % self.cfg.train.fid_every == 0 or final):
+            if fid_now:
                 record = self.fid.evaluate(
                     self.eval_model, self.shards, "val", self.cfg.fid.samples, self.cfg.fid.real or None
                 )
@@ -332,7 +355,7 @@ class Trainer:
         while True:
             yield from self.train_loader
 
-    def train_step(self, batch: Batch) -> tuple[LossOut, float, torch.Tensor | None]:
+    def train_step(self, batch: Batch) -> StepResult:
         t, loss_cfg = self.cfg.train, self.cfg.loss
         x = self.to_input(batch["image"])
         lr = lr_at(self.step, t)
@@ -346,18 +369,31 @@ class Trainer:
         if loss_cfg.spectral_reg > 0:  # NVAE: bounds each layer's gain (vaejob.models.spectral)
             objective = objective + loss_cfg.spectral_reg * self.unwrapped.spectral()
         self.acc.backward(objective)
-        grad_norm = None
-        if self.guard.needs_grad_norm or t.grad_clip > 0 or self.log.due(self.step + 1):
-            grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), t.grad_clip or float("inf"))
-        if self.guard.skips(grad_norm, self.step + 1):  # grads are all-reduced: every rank decides alike
+        # Measured every step (a fused norm of the already all-reduced gradients): a NaN gradient under a
+        # finite loss must not reach the weights or a checkpoint unnoticed; clipping and skipping read it too.
+        grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), t.grad_clip or float("inf"))
+        scaled = self.acc.scaler is not None  # fp16: the GradScaler skips overflowed steps itself
+        if self.guard.skips(out.loss, grad_norm, self.step + 1, scaled):
             self.opt.zero_grad(set_to_none=True)
-        else:
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
-            self.guard.record(out.loss, self.step + 1)
-            if self.ema is not None:
-                self.ema.update(self.unwrapped)
-        return out, lr, grad_norm
+            if scaled:  # the gradients were unscaled for the norm: close the scaler's step without applying it
+                self.acc.scaler.update()
+            return StepResult(out, lr, grad_norm, applied=False)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.guard.record(out.loss, grad_norm, self.step + 1, scaled)
+        if self.ema is not None:
+            self.ema.update(self.unwrapped)
+        return StepResult(out, lr, grad_norm, applied=True)
+
+    def share_rank0_buffers(self) -> None:
+        """Collective: every rank takes rank 0's buffers (BatchNorm statistics), which the checkpoint saves. Each
+        rank's running statistics follow its own batches between DDP's per-forward broadcasts, so without
+        this each rank would evaluate its part of the val split with a different model."""
+        if self.world == 1:
+            return
+        models = [self.unwrapped] + ([self.ema.module] if self.ema is not None else [])
+        for buffer in (b for m in models for b in m.buffers()):
+            torch.distributed.broadcast(buffer, src=0)
 
     def validate(self) -> None:
         record = self.validator.run(self.eval_model, self.step)
