@@ -35,7 +35,7 @@ def test_skip_threshold_drops_big_updates_and_caps_consecutive_skips() -> None:
     assert guard.needs_host_sync
     assert not guard.skips(loss, torch.tensor(5.0), 1)
     assert guard.skips(loss, torch.tensor(50.0), 2) and guard.skipped_steps == 1
-    assert not guard.skips(loss, torch.tensor(9.0), 3) and guard.consecutive == 0  # a good step resets the run
+    assert not guard.skips(loss, torch.tensor(9.0), 3) and guard.consecutive == 0  # a good step: reset
     assert guard.skips(loss, torch.tensor(11.0), 4) and guard.skips(loss, torch.tensor(float("inf")), 5)
     with pytest.raises(
         NonFiniteError, match=r"3 updates in a row skipped at step 6 .*train.skip_threshold 10"

@@ -100,13 +100,20 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
 
 
 @pytest.mark.parametrize("on_nonfinite", ["skip", "stop"])
-def test_loss_scale_overflows_belong_to_the_scaler(tiny_shards: str, tmp_path: Path, on_nonfinite: str) -> None:
+def test_loss_scale_overflows_belong_to_the_scaler(
+    tiny_shards: str, tmp_path: Path, on_nonfinite: str
+) -> None:
     # Initial scale 2^127: the scaled loss and gradients overflow fp32 until the scaler has halved it enough.
     (r,) = probe(
         tiny_shards,
         tmp_path,
         f"scaler@{2**127}",
-        **{"train.mixed_precision": "fp16", "train.on_nonfinite": on_nonfinite, "train.max_steps": 100, "train.log_every": 10},
+        **{
+            "train.mixed_precision": "fp16",
+            "train.on_nonfinite": on_nonfinite,
+            "train.max_steps": 100,
+            "train.log_every": 10,
+        },
     )
     assert r["code"] == 0, r.get("error") or r["stderr"][-3000:]
     assert r["nonfinite_skips"] == 0 and r["skipped_steps"] == 0  # overflows are not the job's skips

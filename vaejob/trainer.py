@@ -60,7 +60,7 @@ class StepResult:
     out: LossOut
     lr: float
     grad_norm: torch.Tensor  # before clipping; of the unscaled gradients under fp16 loss scaling
-    applied: bool  # False: the step guard dropped the update (a loss-scale overflow is the scaler's, and True)
+    applied: bool  # False: the step guard dropped it (an fp16 overflow is the scaler's: True)
 
 
 class Trainer:
@@ -375,7 +375,7 @@ class Trainer:
         scaled = self.acc.scaler is not None  # fp16: the GradScaler skips overflowed steps itself
         if self.guard.skips(out.loss, grad_norm, self.step + 1, scaled):
             self.opt.zero_grad(set_to_none=True)
-            if scaled:  # the gradients were unscaled for the norm: close the scaler's step without applying it
+            if scaled:  # the norm unscaled the gradients: end the scaler's step without applying it
                 self.acc.scaler.update()
             return StepResult(out, lr, grad_norm, applied=False)
         self.opt.step()
