@@ -10,7 +10,10 @@ parser's own). Timeouts and preemption: Slurm sends SIGUSR2 ``--signal`` seconds
 (submitit's ``job._interrupt()`` sends SIGTERM then SIGUSR2). The task turns SIGUSR2 into the training's stop
 request (``vaejob.preempt.request_stop``), so training finishes its step, writes a checkpoint and returns 75;
 then submitit's handler calls ``Trainer.checkpoint()`` and requeues the job, which reruns with
-``run.resume=auto`` in the same run dir (same W&B run). A SIGTERM alone (``scancel``) stops training too,
+``run.resume=auto`` in the same run dir (same W&B run). The first job keeps a ``run.resume`` you give (a
+rollback to ``run.resume=PATH``); every requeue resumes ``auto``: ``checkpoint()``'s resubmission says so, and
+a requeue Slurm does by itself (reusing the first job's pickle) is told apart by ``SLURM_RESTART_COUNT``.
+A SIGTERM alone (``scancel``) stops training too,
 but only SIGUSR2 requeues: a cancelled job stays cancelled. Slurm and local jobs print their id and logs
 and return; ``--wait`` (always for local/debug) waits for the result and exits non-zero if the job failed.
 """
@@ -32,6 +35,7 @@ import submitit
 
 from vaejob.cli import EXIT_OK, EXIT_PREEMPTED, UserError, report
 from vaejob.config import load_config
+from vaejob.rundir import RunDir
 from vaejob.train import add_job_arguments
 
 PROG = "launch/submit.py"
@@ -88,11 +92,23 @@ class RequeueBridge:
         self.requeue(signal.SIGUSR2, None)  # rank 0: checkpoint(), requeue, exit; other ranks: returns
 
 
+def requeue_argv(argv: list[str]) -> list[str]:
+    """``argv`` for a requeued job: whatever the first job resumed, a requeue continues the run dir's newest
+    checkpoint (the first job's own, after a rollback: ``vaejob.checkpoint`` moved the newer ones aside)."""
+    return [a for a in argv if not a.startswith("run.resume=")] + ["run.resume=auto"]
+
+
 class Trainer:
     """One submitit task = one training rank. Picklable: ``checkpoint()`` resubmits a fresh copy."""
 
     def __init__(self, argv: list[str]):
         self.argv = list(argv)
+
+    def argv_for_this_run(self) -> list[str]:
+        """The first run's argv as submitted; a job Slurm requeued by itself (node failure,
+        ``PreemptMode=REQUEUE``) reruns the first job's pickle, so it is told apart by ``SLURM_RESTART_COUNT``."""
+        restarted = int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+        return requeue_argv(self.argv) if restarted else self.argv
 
     def __call__(self) -> dict[str, Any]:
         env, dist_env = export_distributed_env()
@@ -121,7 +137,7 @@ class Trainer:
 
     def _train(self, train_main: Any, bridge: RequeueBridge) -> int:
         try:
-            code = train_main(self.argv)
+            code = train_main(self.argv_for_this_run())
         except Exception:
             bridge.training_done = True
             # torch's loader SIGCHLD handler raises anew for every worker that dies: silence it first.
@@ -141,15 +157,16 @@ class Trainer:
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
         # Training has already written its checkpoint; run.resume=auto picks it up in the same run.dir.
-        return submitit.helpers.DelayedSubmission(Trainer(self.argv))
+        return submitit.helpers.DelayedSubmission(Trainer(requeue_argv(self.argv)))
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
         description="Submit vaejob training with submitit (Slurm, local processes, or in-process debug).",
-        epilog="Everything after the flags is passed to vaejob.train; run.dir is made absolute and "
-        "run.resume=auto is added so requeued jobs continue the same run.",
+        epilog="Everything after the flags is passed to vaejob.train; run.dir (and a run.resume=PATH) is made "
+        "absolute. The first job resumes as run.resume says (default auto); requeued jobs resume "
+        "run.resume=auto, so they continue the same run.",
     )
     p.add_argument(
         "--cluster", choices=("slurm", "local", "debug"), help="default: slurm if srun exists, else local"
@@ -215,9 +232,14 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         return report("submit.py", e)
     run_dir = os.path.abspath(cfg.run.dir)
+    resume = cfg.run.resume if cfg.run.resume in ("auto", "never") else os.path.abspath(cfg.run.resume)
+    try:  # a named checkpoint that is not one (or never with checkpoints there) fails here too
+        RunDir(run_dir).resume_candidates(resume)
+    except UserError as e:
+        return report("submit.py", e)
     train_argv = ["--config", os.path.abspath(args.config)] if args.config else []
     kept = [o for o in args.overrides if not o.startswith(("run.dir=", "run.resume="))]
-    train_argv += [*kept, f"run.dir={run_dir}", "run.resume=auto"]
+    train_argv += [*kept, f"run.dir={run_dir}", f"run.resume={resume}"]  # the first job's; requeues: auto
     ex, cluster, gpus, tasks = make_executor(args, run_dir)
 
     if args.dry_run:

@@ -6,8 +6,10 @@
 #   VAEJOB_PROCS_PER_NODE=2 sbatch --gpus-per-node=0 --cpus-per-task=2 slurm/train.sh --config ...   # CPU node
 #
 # Edit the #SBATCH defaults below or override them on the sbatch command line. Everything after the
-# script name goes to `vaejob.train`; `run.resume=auto` is always appended, so the requeued job continues
-# from the newest checkpoint in run.dir, with the same W&B run. Give run.dir explicitly.
+# script name goes to `vaejob.train`. The job's first run resumes as run.resume says (default auto; a
+# rollback: run.resume=RUN_DIR/checkpoints/step_XXXXXXXX); a requeued run (SLURM_RESTART_COUNT > 0) gets
+# `run.resume=auto` appended, so it continues from the newest checkpoint in run.dir, with the same W&B run.
+# Give run.dir explicitly.
 #
 # One srun task per node runs `accelerate launch`, which starts one training process per GPU
 # (VAEJOB_PROCS_PER_NODE overrides the count; with no GPU: CPU mode, gloo, 1 process per node by default).
@@ -65,6 +67,9 @@ cpus=${SLURM_CPUS_PER_TASK:-1}
 step_cpus=() # since Slurm 22.05 srun no longer inherits --cpus-per-task: pass it on, or each node gets 1 CPU
 if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then step_cpus=(--cpus-per-task="$SLURM_CPUS_PER_TASK"); fi
 
+resume=() # the first run keeps the user's run.resume; a requeue continues the run dir's newest checkpoint
+if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then resume=(run.resume=auto); fi
+
 if [ "$gpus" -eq 0 ]; then
   export ACCELERATE_USE_CPU=1 # without it, --multi_gpu on a CPU node starts processes that never sync
 fi
@@ -104,7 +109,7 @@ trap 'forward TERM' TERM
 # shellcheck disable=SC2016
 python -m vaejob.preempt srun --nodes="$nnodes" --ntasks-per-node=1 "${step_cpus[@]}" --wait=60 \
   bash -c 'trap "" USR1 TERM; exec python -m vaejob.preempt accelerate launch --machine_rank "$SLURM_NODEID" "$@"' \
-  vaejob "${launch[@]}" -m vaejob.train "$@" run.resume=auto &
+  vaejob "${launch[@]}" -m vaejob.train "$@" "${resume[@]}" &
 srun_pid=$!
 while :; do
   rc=0

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.util import REPO, metrics, tiny_overrides, wandb_runs, write_shard_set
+from tests.util import REPO, launch_cmd, metrics, run, tiny_overrides, wandb_runs, write_shard_set
 from vaejob.checkpoint import verify
 
 pytestmark = pytest.mark.slow
@@ -226,6 +226,39 @@ def test_sbatch_usr1_checkpoints_requeues_and_resumes(slurm, tiny_shards, tmp_pa
     assert stop and 25 <= int(stop.group(1)) < PREEMPT["train.max_steps"], job.describe()
     assert f"resumed from {run_dir}/checkpoints/step_{int(stop.group(1)):08d}" in out, job.describe()
     assert_complete_run(run_dir, PREEMPT["train.max_steps"], job)
+
+
+@pytest.mark.slurm
+def test_sbatch_first_run_keeps_a_named_checkpoint_and_the_requeue_resumes_auto(slurm, tiny_shards, tmp_path):
+    """A rollback through slurm/train.sh: the first run resumes the user's run.resume=PATH (and quarantines
+    the newer checkpoint); the requeued run (SLURM_RESTART_COUNT=1) resumes auto, from the rollback's own."""
+    run_dir = tmp_path / "run"
+    ckpts = run_dir / "checkpoints"
+    cp = run(launch_cmd(1) + tiny_overrides(tiny_shards, run_dir, **{**PREEMPT, "train.max_steps": 50}))
+    assert cp.returncode == 0, cp.stderr[-3000:]
+    rollback = f"run.resume={ckpts / FIRST_CKPT}"
+    job = sbatch_train(tmp_path, [*tiny_overrides(tiny_shards, run_dir, **PREEMPT), rollback], procs=1)
+    job.wait_for(
+        "the rollback's own step-50 checkpoint",
+        lambda: (ckpts / "abandoned" / "step_00000050").is_dir() and (ckpts / "step_00000050").is_dir(),
+        timeout=180,
+    )
+    assert sh(["scancel", "--signal=USR1", "--batch", job.id]).returncode == 0
+    assert job.wait_done() == "COMPLETED", job.describe()
+    assert states(job.id)[:-1] == ["REQUEUED"], job.describe()
+    err = (tmp_path / f"vaejob-{job.id}.err").read_text()
+    assert f"resumed from {ckpts}/{FIRST_CKPT} at step 25" in err, job.describe()
+    stop = re.search(r"checkpointed at step (\d+) after a stop signal; exiting 75", err)
+    assert stop and int(stop.group(1)) >= 50, job.describe()
+    assert f"resumed from {ckpts}/step_{int(stop.group(1)):08d} at step {stop.group(1)}" in err, (
+        job.describe()
+    )
+    assert len([line for line in err.splitlines() if "older than the run dir's newest" in line]) == 1
+    assert sorted(p.name for p in (ckpts / "abandoned").iterdir()) == [
+        "metrics-after-step_00000025.jsonl",
+        "step_00000050",
+    ]
+    assert [r["step"] for r in metrics(run_dir, "train")] == list(range(1, PREEMPT["train.max_steps"] + 1))
 
 
 # -- launch/submit.py ------------------------------------------------------------------------------------------

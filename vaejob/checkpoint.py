@@ -12,6 +12,11 @@ saved one (accelerate only logs a failed RNG load, which would make a resume sil
 ``run.resume=auto`` a damaged checkpoint is moved to ``checkpoints/corrupt/`` with one warning and the next
 newer-to-older one is tried; a named checkpoint that fails, or weights that do not fit the config, stop the job
 with one line (exit 2). ``load_model`` (evaluation, sampling) reads only verified weights.
+
+A named checkpoint (``run.resume=PATH``) older than the run dir's newest is a rollback: once every rank has
+loaded it, rank 0 moves the run dir's checkpoints from its step on to ``checkpoints/abandoned/`` (with their
+metrics.jsonl records, one log line), so the launchers' ``run.resume=auto`` on the next requeue continues
+the rollback's lineage instead of jumping to the abandoned future; pruning never sees the quarantine.
 """
 
 from __future__ import annotations
@@ -39,12 +44,14 @@ from vaejob.models import VAE, build_model
 from vaejob.ranks import CpuGroup
 from vaejob.rundir import STATE_FILE, RunDir, step_dir_name
 from vaejob.shards import DataError, open_shards
+from vaejob.tracking import truncate_metrics
 
 WEIGHTS_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"  # the averaged weights (vaejob.ema), when train.ema_decay > 0
 MANIFEST_FILE = "checkpoint.json"
 MANIFEST_FORMAT = "vaejob-checkpoint/1"
 CORRUPT_DIR = "corrupt"
+ABANDONED_DIR = "abandoned"  # checkpoints newer than the one a rollback resumed (see the module docstring)
 RNG_FILE = "random_states_{}.pkl"  # accelerate's per-rank RNG states
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / torch.compile wrappers, should a saved key carry one
 # Tests only: seconds rank 0 sleeps before renaming a checkpoint into place (a slow shared file system).
@@ -180,6 +187,15 @@ def _storage_problem(directory: str) -> str | None:
     return None
 
 
+def _free_path(directory: str, name: str) -> str:
+    """``directory/name``, or ``name-1``, ``name-2``... (before the extension) if that exists already."""
+    stem, ext = os.path.splitext(name)
+    path, n = os.path.join(directory, name), 1
+    while os.path.exists(path):
+        path, n = os.path.join(directory, f"{stem}-{n}{ext}"), n + 1
+    return path
+
+
 class Checkpointer:
     """Saves at ``every`` steps (and on request), keeps the newest ``keep``, restores the one to resume."""
 
@@ -247,11 +263,45 @@ class Checkpointer:
                 state = read_state(path)
                 self.acc.load_state(path)
                 _check_rng_restored(path, self.acc.process_index)
+                if explicit:
+                    self._abandon_newer(path, int(state["step"]))
                 return path, state
             if explicit or not fits:
                 raise CheckpointError(f"cannot resume from {path}: {problem}")
             self._move_aside(path, problem)
         return None
+
+    def _abandon_newer(self, resumed: str, step: int) -> None:
+        """Collective. A rollback: move the run dir's other checkpoints at ``step`` or later (and the metrics
+        logged after ``step``) to ``checkpoints/abandoned/``, so that auto-resume follows this lineage."""
+        self.acc.wait_for_everyone()  # every rank has loaded: a failed load moves nothing
+        if self.acc.is_main_process:
+            newer = [
+                path
+                for path in self.run.list_checkpoints()
+                if int(os.path.basename(path).removeprefix("step_")) >= step
+                and os.path.realpath(path) != os.path.realpath(resumed)
+            ]
+            if newer:
+                moved = [
+                    self._aside(path, ABANDONED_DIR) for path in newer
+                ]  # first: the lineage matters most
+                where = os.path.dirname(moved[0])
+                metrics = _free_path(where, f"metrics-after-{step_dir_name(step)}.jsonl")
+                truncate_metrics(self.run.metrics, step, dropped_to=metrics)
+                names = ", ".join(os.path.basename(p) for p in newer)
+                renamed = ", ".join(os.path.basename(p) for p in moved)
+                also = (
+                    f" and metrics.jsonl's records after step {step} to {metrics}"
+                    if os.path.exists(metrics)
+                    else ""
+                )
+                log.warning(
+                    f"resuming {resumed} (step {step}), older than the run dir's newest checkpoint: moved "
+                    f"{names} to {where}/{'' if renamed == names else f' (as {renamed})'}{also}, so "
+                    "run.resume=auto continues from this step"
+                )
+        self.acc.wait_for_everyone()
 
     def _preflight(self, path: str, model: torch.nn.Module) -> tuple[str | None, bool]:
         """(what is wrong, whether the weights fit the model) agreed by every rank; nothing is loaded."""
@@ -265,17 +315,18 @@ class Checkpointer:
         saved_world = int(read_state(path).get("world_size", self.acc.num_processes))
         return self.ranks.first_error(_rng_file_problem(path, self.acc.process_index, saved_world)), True
 
+    def _aside(self, path: str, kind: str) -> str:
+        """Rank 0: rename a checkpoint dir into ``checkpoints/KIND/`` under a free name (one atomic rename:
+        list_checkpoints never sees it half moved); returns where it went."""
+        aside = _free_path(os.path.join(self.run.checkpoints, kind), os.path.basename(path))
+        os.makedirs(os.path.dirname(aside), exist_ok=True)
+        os.replace(path, aside)
+        storage.fsync_dir(self.run.checkpoints)
+        return aside
+
     def _move_aside(self, path: str, problem: str) -> None:
         if self.acc.is_main_process:
-            aside = os.path.join(self.run.checkpoints, CORRUPT_DIR, os.path.basename(path))
-            n = 1
-            while os.path.exists(aside):
-                aside, n = (
-                    os.path.join(self.run.checkpoints, CORRUPT_DIR, f"{os.path.basename(path)}-{n}"),
-                    n + 1,
-                )
-            os.makedirs(os.path.dirname(aside), exist_ok=True)
-            os.replace(path, aside)
+            aside = self._aside(path, CORRUPT_DIR)
             log.warning(
                 f"checkpoint {path} is damaged ({problem}): moved to {aside}; trying the one before it"
             )

@@ -5,7 +5,9 @@ job resumes from.
             checkpoints/step_XXXXXXXX/   samples/step_XXXXXXXX/   plots/   eval/   wandb/
 
 A checkpoint directory is complete once renamed into place with its ``trainer_state.json``
-(``vaejob.checkpoint`` writes it); ``status.json`` says running | completed | preempted | failed.
+(``vaejob.checkpoint`` writes it); ``checkpoints/corrupt/`` and ``checkpoints/abandoned/`` (damaged ones, a
+rollback's abandoned future) are never resumed or pruned; ``status.json`` says running | completed | preempted |
+failed.
 """
 
 from __future__ import annotations

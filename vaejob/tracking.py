@@ -61,12 +61,18 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
     return records
 
 
-def truncate_metrics(path: str, last_step: int) -> None:
-    """Drop events logged after the checkpoint we resume from, so steps never repeat in metrics.jsonl."""
+def truncate_metrics(path: str, last_step: int, dropped_to: str | None = None) -> int:
+    """Drop events logged after the checkpoint we resume from, so steps never repeat in metrics.jsonl
+    (``dropped_to``: write them there first, for a rollback's abandoned future). Returns the last step the
+    file still holds (0 if none)."""
     records = read_metrics(path)
     kept = [r for r in records if r.get("step", 0) <= last_step]
+    if dropped_to is not None and len(kept) != len(records):
+        dropped = [r for r in records if r.get("step", 0) > last_step]
+        storage.atomic_write_text(dropped_to, "".join(json.dumps(r) + "\n" for r in dropped))
     if len(kept) != len(records) or os.path.exists(path):
         storage.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return max((r.get("step", 0) for r in kept), default=0)
 
 
 class Tracker:
@@ -85,7 +91,12 @@ class Tracker:
             return
         if write_metrics:
             if resume_step is not None:
-                truncate_metrics(self.path, resume_step)
+                last = truncate_metrics(self.path, resume_step)
+                if last <= resume_step - cfg.train.log_every:  # a log step is missing: say so, once
+                    log.warning(
+                        f"{self.path} ends at step {last} but this job resumes at step {resume_step}: the steps "
+                        "between have no records (a checkpoint newer than the metrics was resumed)"
+                    )
             elif os.path.exists(self.path):
                 os.remove(self.path)  # a fresh run in a reused dir starts a fresh log
             self._file = open(self.path, "a", buffering=1)
