@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tests.util import module_cmd, run, wandb_records, wandb_runs
+from tests.util import evaluate_json, module_cmd, run, wandb_records, wandb_runs
 from vaejob.checkpoint import load_model
 from vaejob.likelihoods import Bernoulli
 from vaejob.loader import make_loader
@@ -25,12 +25,6 @@ from vaejob.seeding import item_generator
 from vaejob.shards import open_shards
 
 pytestmark = pytest.mark.slow
-
-
-def evaluate_json(run_dir: Path, nproc: int, *args: str) -> dict:
-    cp = run(module_cmd("vaejob.evaluate", nproc) + ["--run", str(run_dir), *args])
-    assert cp.returncode == 0, cp.stderr[-3000:]
-    return json.loads(cp.stdout)
 
 
 # ------------------------------------------------------------------------------------------- evaluate
@@ -51,9 +45,13 @@ def test_evaluate_one_and_two_processes_agree(tiny_run: Path) -> None:
     # A Bernoulli decoder on [0, 1] intensities is no distribution over 8-bit images: no bits/dim for it
     # (tests/test_likelihoods.py checks bits/dim of the discrete likelihoods).
     assert one["likelihood"] == "bernoulli" and "bits_per_dim" not in one and "nelbo_bits_per_dim" not in one
-    # the KL term is deterministic: it equals the one training logged at its last val pass
+    # BCE against grey levels, said so: not a normalised likelihood (tests/test_binarize.py)
+    assert (one["binarize"], one["normalized_likelihood"]) == ("none", False)
+    # training's last val pass drew each image's noise as --seed 0 does: the same numbers (batch 8 there)
     val = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
-    assert one["kl"] == pytest.approx([r for r in val if r["split"] == "val"][-1]["kl"], rel=1e-6)
+    last = [r for r in val if r["split"] == "val"][-1]
+    for key in ("nelbo", "recon", "kl"):
+        assert one[key] == pytest.approx(last[key], rel=1e-9, abs=0), key
 
     written = json.loads((tiny_run / "eval" / "val-step_00000060.json").read_text())
     assert written == two and written["step"] == 60 and written["checkpoint"].endswith("step_00000060")

@@ -118,6 +118,13 @@ def metrics(run_dir: str | Path, split: str | None = None) -> list[dict[str, Any
     return [r for r in records if split is None or r["split"] == split]
 
 
+def evaluate_json(run_dir: str | Path, nproc: int, *args: str) -> dict[str, Any]:
+    """``vaejob.evaluate --run RUN_DIR ARGS`` on ``nproc`` processes: the record it prints."""
+    cp = run(module_cmd("vaejob.evaluate", nproc) + ["--run", str(run_dir), *args])
+    assert cp.returncode == 0, cp.stderr[-3000:]
+    return json.loads(cp.stdout)
+
+
 def final_params(run_dir: str | Path) -> dict[str, Any]:
     """The weights of a run's newest checkpoint."""
     ckpts = sorted((Path(run_dir) / "checkpoints").iterdir())

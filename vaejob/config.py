@@ -38,6 +38,10 @@ class DataConfig:
     image_size: int = 0
     resize: Literal["center_crop", "resize", "pad"] = "center_crop"
     channels: int = 0
+    # Bernoulli-binarised pixels (vaejob.loader.binarize), for loss.likelihood=bernoulli only: none = grey
+    # levels (BCE with soft targets: no likelihood); static = one fixed draw per image; dynamic = a fresh
+    # draw per image every epoch. Evaluation of a binarised run reads the static draw.
+    binarize: Literal["none", "static", "dynamic"] = "none"
     # Object-store reads and writes (data.shards / samples.root URLs): retries of a failed request, waiting
     # io_backoff_s * 2**k before retry k (defaults: 5 retries over 31 s), then the job fails with one line.
     io_retries: int = 5
@@ -356,6 +360,11 @@ def validate(cfg: Config) -> None:
     if cfg.data.channels not in (0, 1, 3):
         raise ConfigError(
             f"config key 'data.channels' must be 0 (the set's own), 1 or 3, got {cfg.data.channels}"
+        )
+    if cfg.data.binarize != "none" and cfg.loss.likelihood != "bernoulli":
+        raise ConfigError(
+            f"config key 'data.binarize' is {cfg.data.binarize!r} but loss.likelihood is "
+            f"{cfg.loss.likelihood!r}; binarised images need loss.likelihood=bernoulli (or data.binarize=none)"
         )
     if cfg.data.num_workers != "auto" and cfg.data.num_workers < 0:
         raise ConfigError(f"config key 'data.num_workers' must be >= 0, got {cfg.data.num_workers}")

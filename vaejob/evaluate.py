@@ -6,7 +6,8 @@ and the sums of ``vaejob.metrics.elbo_pass`` are all-reduced. Every random draw 
 the numbers do not depend on the rank count, the batch size or the device, up to float rounding.
 
 Reports -ELBO, the importance-weighted NLL bound with K samples, bits/dim, reconstruction, KL (total and per
-dimension), active units and per-class -ELBO; writes ``RUN_DIR/eval/<split>-step_XXXXXXXX.json`` (prefixed
+dimension), active units and per-class -ELBO, labelled with what the nats are (``metrics.nll_labels``: the
+likelihood, the run's ``data.binarize``; a binarised run is measured on the fixed per-key draw); writes ``RUN_DIR/eval/<split>-step_XXXXXXXX.json`` (prefixed
 ``<shard set>-`` for ``--shards``), prints the same JSON, logs it to the run's W&B run and draws latent
 traversals and interpolations beside it.
 """
@@ -41,7 +42,8 @@ from vaejob.cli import (
 from vaejob.config import Config, prepare_storage
 from vaejob.fid import NETWORKS, FidEvaluator, fid_settings
 from vaejob.loader import Batch, make_loader
-from vaejob.metrics import IW_CHUNK, KeyedNoise, elbo_pass, iw_log_px, per_image_noise
+from vaejob.loader.binarize import eval_binarize
+from vaejob.metrics import IW_CHUNK, KeyedNoise, elbo_pass, iw_log_px, nll_labels, per_image_noise
 from vaejob.models import VAE
 from vaejob.ranks import CpuGroup
 from vaejob.rundir import RunDir, step_dir_name
@@ -82,6 +84,8 @@ def evaluate(
         num_workers=cfg.data.num_workers,
         raw=True,
         with_keys=True,
+        binarize=eval_binarize(cfg.data.binarize),  # a binarised run: the fixed per-key draw, as in training
+        device=acc.device,
     )
     rows = max(1, iw_batch // min(k, IW_CHUNK))
     first: list[Tensor] = []
@@ -283,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         "iw_samples": args.iw_samples,
         "seed": args.seed,
         "weights": args.weights,
-        "likelihood": cfg.loss.likelihood,
+        **nll_labels(cfg.loss.likelihood, model.likelihood.discrete, cfg.data.binarize),
         **metrics,
     }
     if main_rank:

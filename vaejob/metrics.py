@@ -1,13 +1,14 @@
 """One pass over a split that measures a VAE the way training's validation and ``vaejob.evaluate`` both
 report it: −ELBO (one z per image, analytic KL), reconstruction, KL (total, per latent group and, for one group,
-per dimension), active latent units (total and per group), dead units of a Dense bottleneck and per-class −ELBO,
+per dimension), active latent units (total and per group), dead units of a ReLU Dense bottleneck, per-class −ELBO,
 plus an optional per-image NLL estimate such as the importance-weighted bound (``iw_log_px``, Burda et al. 2016).
 Any model of ``vaejob.models`` (one interface: one latent group or many).
 
 Exact across ranks: padding rows are dropped, per-image values are summed in float64 and all-reduced, so
-every sample counts once. Where the noise comes from is the caller's choice: ``DeviceNoise`` (one device
-generator, reseeded per pass: cheap, the same noise at every training evaluation) or ``KeyedNoise`` (a
-generator per sample key: the numbers do not depend on the rank count, batch size or device).
+every sample counts once. The noise of a ``Noise`` source; both callers (training's ``Validator`` and
+``vaejob.evaluate``) use ``KeyedNoise``, a generator per (seed, sample key): the numbers do not depend on the
+rank count, batch size or device, and the val pass of a checkpoint's step equals ``vaejob.evaluate --seed
+train.seed`` on it.
 """
 
 from __future__ import annotations
@@ -44,19 +45,6 @@ class Noise(Protocol):
         ...
 
 
-class DeviceNoise:
-    def __init__(self, seed: int, device: torch.device) -> None:
-        self.gen = torch.Generator(device=device).manual_seed(seed)
-        self.n = 0
-
-    def draw(self, keys: Sequence[str] | None, n: int, dim: int, device: torch.device) -> Tensor:
-        self.n = n
-        return torch.randn((n, dim), generator=self.gen, device=device)
-
-    def more(self, c: int, dim: int) -> Tensor:
-        return torch.randn((self.n, c, dim), generator=self.gen, device=self.gen.device)
-
-
 class KeyedNoise:
     """Image ``key``'s noise comes from a CPU generator seeded by (seed, key); ``generators`` keeps the
     current batch's, so further samples of an image (the importance-weighted bound) continue its stream."""
@@ -84,8 +72,18 @@ def per_image_noise(generators: Sequence[torch.Generator]) -> Callable[[int, int
     return draw
 
 
+def nll_labels(likelihood: str, discrete: bool, binarize: str) -> dict[str, Any]:
+    """What a reported −ELBO / IW-NLL is: the likelihood, the run's ``data.binarize`` (a binarised run is
+    measured on the static draw) and whether its nats bound −log p(x) of a distribution normalised over the
+    measured images: over the 256 levels (``discrete``), or a Bernoulli over binarised pixels. A Bernoulli on
+    grey levels is BCE with soft targets, no likelihood: a 0.5-grey pixel decoded exactly scores ln 2."""
+    normalized = discrete or (likelihood == "bernoulli" and binarize != "none")
+    return {"likelihood": likelihood, "binarize": binarize, "normalized_likelihood": normalized}
+
+
 class ElboSums:
-    """Float64 per-rank sums of a pass (and the max activation of each bottleneck unit), reduced once."""
+    """Float64 per-rank sums of a pass (and the max activation of each ReLU bottleneck unit: dead = never
+    above 0 on the split), reduced once."""
 
     SCALARS = ("count", "recon", "kl", "nelbo", "nll")
 
@@ -241,7 +239,7 @@ def elbo_pass(
         keep = batch["valid"].nonzero().flatten()
         if len(keep) == 0:
             continue
-        x = to_input(batch["image"][keep])
+        x = to_input(batch["image"][keep.to(batch["image"].device)])  # a binarised batch is on the device
         labels = batch["label"][keep].to(device)
         keys = [batch["key"][i] for i in keep.tolist()] if "key" in batch else None
         if on_images is not None:
@@ -257,7 +255,8 @@ def elbo_pass(
 
 
 class Validator:
-    """Training's validation cadence: an exact pass over the whole val split every ``eval_every`` steps."""
+    """Training's validation cadence: an exact pass over the whole val split every ``eval_every`` steps
+    (``loader`` made ``with_keys``: the noise is keyed by sample)."""
 
     def __init__(
         self,
@@ -268,9 +267,10 @@ class Validator:
         every: int,
         to_input: Callable[[Tensor], Tensor],
         shards: ShardSet,
+        binarize: str = "none",
     ) -> None:
         self.acc, self.loader, self.loss_cfg, self.seed, self.every = acc, loader, loss_cfg, seed, every
-        self.to_input, self.shards = to_input, shards
+        self.to_input, self.shards, self.binarize = to_input, shards, binarize
 
     def due(self, step: int) -> bool:
         return step % self.every == 0
@@ -280,7 +280,8 @@ class Validator:
         was_training = model.training
         model.eval()
         self.loader.set_epoch(0)
-        noise = DeviceNoise(self.seed, self.acc.device)  # the same z noise at every evaluation
+        # Each image's z noise from (seed, key): the same at every evaluation and for any world or batch size.
+        noise = KeyedNoise(self.seed)
         k = self.loss_cfg.iw_samples
 
         def iwae_nll(model: VAE, x: Tensor) -> Tensor:  # the bound an IWAE objective trains on
@@ -302,7 +303,8 @@ class Validator:
         if self.shards.indexed:  # undecodable images of foreign tars (vaejob's own sets stop on one)
             mine = torch.tensor(self.loader.last_epoch_skipped, device=self.acc.device)
             skipped = int(self.acc.reduce(mine, reduction="sum"))
-        r = sums.result(model.image_shape, self.shards.label_names, model.likelihood.discrete)
+        discrete = model.likelihood.discrete
+        r = sums.result(model.image_shape, self.shards.label_names, discrete)
         record = {
             "step": step,
             "split": "val",
@@ -312,6 +314,7 @@ class Validator:
             "kl": r["kl"],
             "active_units": r["active_units"],
             "count": r["count"],
+            **nll_labels(self.loss_cfg.likelihood, discrete, self.binarize),
         }
         if "nelbo_bits_per_dim" in r:
             record["bits_per_dim"] = r["nelbo_bits_per_dim"]

@@ -41,6 +41,7 @@ from vaejob.fid import FidEvaluator, fid_settings
 from vaejob.figures import TrainingFigures, first_images
 from vaejob.lease import Lease, RunDirLost, hold
 from vaejob.loader import Batch, ShardLoader, make_loader, unit_float
+from vaejob.loader.binarize import eval_binarize
 from vaejob.loss import LossOut, beta_at, vae_loss
 from vaejob.metrics import Validator
 from vaejob.models import VAE, build_model
@@ -104,12 +105,19 @@ class Trainer:
         if t.compile:
             self.model = torch.compile(self.model, mode=None if t.compile is True else t.compile)
         self.train_loader = self._loader("train")
-        self.val_loader = self._loader("val")
+        self.val_loader = self._loader("val", with_keys=True)  # the val pass seeds its noise by sample key
         self.checkpointer = Checkpointer(
             self.acc, self.run, t.checkpoint_every, t.keep_checkpoints, self.ranks
         )
         self.validator = Validator(
-            self.acc, self.val_loader, cfg.loss, t.seed, t.eval_every, self.to_input, self.shards
+            self.acc,
+            self.val_loader,
+            cfg.loss,
+            t.seed,
+            t.eval_every,
+            self.to_input,
+            self.shards,
+            binarize=cfg.data.binarize,
         )
         self.guard = StepGuard(t, self.device, self.world)
         self.ema = EMA(self.unwrapped, t.ema_decay) if t.ema_decay > 0 else None
@@ -130,6 +138,9 @@ class Trainer:
             shuffle_buffer=c.data.shuffle_buffer,
             raw=True,  # uint8 to the device, converted there: 4x less host-to-device traffic
             pin_memory=self.device.type == "cuda",
+            # Binarised batches are drawn on the device from the sample keys (val: the fixed draw).
+            binarize=c.data.binarize if split == "train" else eval_binarize(c.data.binarize),
+            device=self.device,
         )
         args.update(kw)
         return make_loader(self.shards, split, c.train.batch_size, **args)

@@ -9,7 +9,8 @@ epoch continues from the same fraction of samples consumed under the new layout:
 samples may repeat and others be skipped; later epochs are exact again, and a warning says so.
 
 Images leave the workers as uint8 and the consumer makes its own copy, as float32 / 255 unless ``raw=True``
-(the trainer converts on the device: 4x less host-to-device traffic).
+(the trainer converts on the device: 4x less host-to-device traffic). ``binarize`` (``vaejob.loader.binarize``)
+replaces each image by its Bernoulli draw, made on ``device`` from the sample keys, seed and epoch.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from vaejob.loader.batch import Batch, np_unit_float
+from vaejob.loader.batch import Batch, np_unit_float, unit_float
+from vaejob.loader.binarize import Binarize, bernoulli_draw, key_seeds, salt
 from vaejob.loader.plan import continue_at, num_batches
 from vaejob.loader.workers import EpochDataset, StreamSpec, WorkerPool
 from vaejob.shards.codec import Decoder
@@ -53,7 +55,11 @@ class ShardLoader:
         pin_memory: bool,
         prefetch_factor: int,
         with_keys: bool,
+        binarize: Binarize = "none",
+        device: torch.device | str = "cpu",
     ) -> None:
+        if binarize not in ("none", "static", "dynamic"):
+            raise ValueError(f"binarize must be none, static or dynamic (got {binarize!r})")
         self.shards, self.split_name = shards, split
         self.split = shards.split(split)
         self.train = split == "train"
@@ -65,6 +71,7 @@ class ShardLoader:
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
         self.raw, self.pin_memory, self.prefetch_factor = raw, pin_memory, prefetch_factor
         self.with_keys = with_keys
+        self.binarize, self.device = binarize, torch.device(device)
         self.spec = StreamSpec(
             split=self.split,
             train=self.train,
@@ -73,7 +80,7 @@ class ShardLoader:
             batch_size=batch_size,
             streams=self.streams,
             shuffle_buffer=shuffle_buffer,
-            with_keys=with_keys,
+            with_keys=with_keys or binarize != "none",  # the draw is seeded by the sample key
             decoder=Decoder.for_set(shards),
         )
         self._pool: WorkerPool | None = None
@@ -145,8 +152,11 @@ class ShardLoader:
             batches = self._batches(start)
             try:
                 for batch in batches:
+                    image = batch["image"]
+                    if self.binarize != "none":
+                        image = self._binarized(image, batch["key"])
                     out: Batch = {
-                        "image": batch["image"],
+                        "image": image,
                         "label": torch.from_numpy(batch["label"]),
                         "valid": torch.from_numpy(batch["valid"]),
                     }
@@ -183,10 +193,17 @@ class ShardLoader:
             self._pool = WorkerPool(self.spec, self.num_workers, self.prefetch_factor)
         return self._pool.epoch(self.epoch, start, self.seed, self._take)
 
+    def _binarized(self, images: torch.Tensor, keys: list[str]) -> torch.Tensor:
+        """The batch's Bernoulli draw on ``device``: uint8 0 / 255, or float 0 / 1 unless raw."""
+        seeds = key_seeds(salt(self.binarize, self.seed, self.epoch), keys)
+        out = bernoulli_draw(images.to(self.device, non_blocking=True), seeds)
+        return out if self.raw else unit_float(out)
+
     def _take(self, images: np.ndarray, owned: bool = False) -> torch.Tensor:
-        """The consumer's copy of a uint8 batch: float32 / 255 unless raw; pinned when asked (CUDA)."""
+        """The consumer's copy of a uint8 batch: float32 / 255 unless raw (or binarised: the draw reads
+        uint8); pinned when asked (CUDA)."""
         pin = self.pin_memory and torch.cuda.is_available()
-        if not self.raw:
+        if not self.raw and self.binarize == "none":
             out = torch.from_numpy(np_unit_float(images))
             return out.pin_memory() if pin else out
         if pin:
@@ -242,9 +259,12 @@ def make_loader(
     pin_memory: bool = False,
     prefetch_factor: int = 4,
     with_keys: bool = False,
+    binarize: Binarize = "none",
+    device: torch.device | str = "cpu",
 ) -> ShardLoader:
     """Loader for one split of a shard set; rank / world size default to torch.distributed, then the
-    RANK / WORLD_SIZE environment, then 0 / 1. ``with_keys`` adds the sample keys (``""`` for padding)."""
+    RANK / WORLD_SIZE environment, then 0 / 1. ``with_keys`` adds the sample keys (``""`` for padding).
+    ``binarize`` static / dynamic yields each image's Bernoulli draw, made and yielded on ``device``."""
     if batch_size < 1 or num_workers < 0:
         raise ValueError(f"batch_size must be >= 1 and num_workers >= 0 (got {batch_size}, {num_workers})")
     rank, world_size = _dist_defaults(rank, world_size)
@@ -262,4 +282,6 @@ def make_loader(
         pin_memory=pin_memory,
         prefetch_factor=prefetch_factor,
         with_keys=with_keys,
+        binarize=binarize,
+        device=device,
     )

@@ -39,7 +39,7 @@ class VAEOutput(NamedTuple):
     mean: Tensor  # (N, D) posterior means E_q[z | x, z_<g] (active units)
     log_q: Tensor  # (N,) fp32 log q(z|x) at the sampled z
     log_p: Tensor  # (N,) fp32 log p(z) at the sampled z
-    hidden: Tensor | None = None  # activations of a Dense bottleneck (dead units), None without one
+    hidden: Tensor | None = None  # activations of a ReLU Dense bottleneck (dead units), None without one
 
 
 def gaussian_kl(mu_q: Tensor, log_sigma_q: Tensor, mu_p: Tensor, log_sigma_p: Tensor) -> Tensor:
@@ -67,7 +67,7 @@ class VAE(nn.Module):
     likelihood: Likelihood
     latent_groups: tuple[int, ...]  # latent units per group, in the order of the noise vector
     single_latent: bool = False  # True: encode / decode of one latent vector exist (SingleLatentVAE)
-    hidden_units: int = 0  # width of a Dense bottleneck whose dead units are reported (0: none)
+    hidden_units: int = 0  # width of a ReLU Dense bottleneck whose dead units are reported (0: none)
 
     @property
     def latent_size(self) -> int:

@@ -42,7 +42,7 @@ class DenseHeadVAE(SingleLatentVAE):
 
     def encode_hidden(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         h = self.hidden(self.encoder(x))
-        return self.to_mu(h), self.to_logvar(h), h if self.has_bottleneck else None
+        return self.to_mu(h), self.to_logvar(h), h if self.hidden_units else None
 
     def decode(self, z: Tensor) -> Tensor:
         return self.decoder(z)
@@ -53,8 +53,11 @@ class DenseHeadVAE(SingleLatentVAE):
 
     @property
     def hidden_units(self) -> int:  # type: ignore[override]
-        """Width of the Dense bottleneck (0 without one): the units whose death strands a model."""
-        return self.to_mu.in_features if self.has_bottleneck else 0
+        """Width of a ReLU Dense bottleneck (else 0): the units whose death strands a model. Only a ReLU unit
+        can die (output 0 and no gradient on every image); a leaky_relu, silu, gelu or elu unit whose output
+        is <= 0 everywhere still gets a gradient, so none is reported for those."""
+        relu = self.has_bottleneck and isinstance(self.hidden[-1], nn.ReLU)
+        return self.to_mu.in_features if relu else 0
 
 
 class ConvVAE(DenseHeadVAE):
