@@ -312,7 +312,7 @@ def test_f_g_a_killed_job_reads_as_dead_and_its_wandb_segments_sync_in_order(sha
 
 
 def test_an_empty_val_split_is_refused_before_training(make_shards, tmp_path) -> None:
-    no_val = make_shards("--source", "synthetic:40", "--size", "16", "--val-fraction", "0")
+    no_val = make_shards("--source", "synthetic:40", "--size", "16", "--train-only")
     cp = train(no_val, tmp_path / "run")
     assert cp.returncode == 2 and len(error_lines(cp)) == 1 and "val split" in error_lines(cp)[0], cp.stderr
     assert not (tmp_path / "run").exists()

@@ -216,6 +216,10 @@ def _prepare(args: argparse.Namespace) -> tuple[VAE, Config, int, str, ShardSet]
         raise UsageError(
             f"this shard set ({shards.root}) has splits {names}; use --split val or --shards DIR"
         )
+    if shards.split(args.split).count == 0:  # nothing to average over (e.g. a --train-only set's val)
+        raise UsageError(
+            f"the {args.split} split of {shards.root} holds no images; evaluate another --split or --shards"
+        )
     args.weights = weights  # the ones loaded
     return model, cfg, step, ckpt, shards
 
