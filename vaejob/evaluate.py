@@ -17,7 +17,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -33,6 +32,7 @@ from vaejob.cli import (
     LOG_NAME,
     UsageError,
     UserError,
+    exit_with,
     int_type,
     report,
     run_parser,
@@ -46,7 +46,7 @@ from vaejob.models import VAE
 from vaejob.ranks import CpuGroup
 from vaejob.rundir import RunDir, step_dir_name
 from vaejob.shards import ShardSet, open_shards
-from vaejob.tracking import attach
+from vaejob.tracking import attach, require_wandb_key
 
 PROG = "vaejob.evaluate"
 DEFAULT_IW_SAMPLES = 1000
@@ -256,9 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision)
     main_rank = acc.is_main_process
     try:
-        tracker = attach(cfg, main_rank)
-    except RuntimeError as e:  # wandb.mode=online without a key
+        require_wandb_key(cfg, CpuGroup(acc.num_processes), main_rank)  # every rank stops, not rank 0 alone
+    except UserError as e:
         return report(PROG, e)
+    tracker = attach(cfg, main_rank)
     model.to(acc.device)
     start = time.perf_counter()
     metrics, images = evaluate(
@@ -310,4 +311,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

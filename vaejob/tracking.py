@@ -24,7 +24,8 @@ from accelerate import Accelerator
 
 from vaejob import storage
 from vaejob.cli import LOG_NAME
-from vaejob.config import Config
+from vaejob.config import Config, ConfigError
+from vaejob.ranks import CpuGroup
 from vaejob.rundir import RunDir
 
 log = logging.getLogger(LOG_NAME)
@@ -69,6 +70,29 @@ def truncate_metrics(path: str, last_step: int) -> None:
         storage.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
+class WandbKeyMissing(ConfigError):
+    """``wandb.mode=online`` without an API key. ``require_wandb_key`` raises it on every rank at once, so the
+    ranks may end together."""
+
+
+def missing_wandb_key(cfg: Config) -> str | None:
+    """Why W&B cannot log online from this process (the one line for the user), or None when it can."""
+    if cfg.wandb.mode == "online" and not (os.environ.get("WANDB_API_KEY") or _has_netrc_key()):
+        return (
+            "wandb.mode=online but no W&B API key: run `wandb login`, set WANDB_API_KEY, "
+            "or use wandb.mode=offline and `wandb sync` later"
+        )
+    return None
+
+
+def require_wandb_key(cfg: Config, ranks: CpuGroup, main: bool) -> None:
+    """Collective: rank 0 (the one that logs to W&B, so its environment is the one that counts) checks for an
+    API key, and every rank raises ``WandbKeyMissing`` when there is none: none is left waiting for the others."""
+    problem = ranks.broadcast(missing_wandb_key(cfg) if main else None)
+    if problem:
+        raise WandbKeyMissing(problem)
+
+
 class Tracker:
     """Rank-0 logger; on other ranks every method is a no-op."""
 
@@ -96,11 +120,9 @@ class Tracker:
         import wandb
 
         w = cfg.wandb
-        if w.mode == "online" and not (os.environ.get("WANDB_API_KEY") or _has_netrc_key()):
-            raise RuntimeError(
-                "wandb.mode=online but no W&B API key: run `wandb login`, set WANDB_API_KEY, "
-                "or use wandb.mode=offline and `wandb sync` later"
-            )
+        problem = missing_wandb_key(cfg)  # callers check it first, on every rank: require_wandb_key
+        if problem:
+            raise WandbKeyMissing(problem)
         run = wandb.init(
             project=w.project,
             entity=w.entity or None,
