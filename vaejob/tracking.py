@@ -4,6 +4,9 @@ training's log window (sums over ``train.log_every`` steps, reduced across ranks
 One W&B run per job: its id is kept in ``run.dir/wandb_id.txt`` and in every checkpoint, so a resumed or
 requeued job logs into the same run (``resume="allow"``). W&B's own step counter only ever grows; charts use
 ``trainer/step`` as their x-axis, so steps replayed after a resume never trip W&B's monotonic-step check.
+W&B keeps every row each job logged (a crash-resume logs the steps after its checkpoint again, and the rows
+the dead job never got written, see ``Tracker.relog_after``): for each ``trainer/step`` the row logged last
+is the one metrics.jsonl holds.
 """
 
 from __future__ import annotations
@@ -157,10 +160,24 @@ class Tracker:
             return
         if self._file is not None:
             self._file.write(json.dumps(record) + "\n")
+        self._mirror(record)
+
+    def _mirror(self, record: dict[str, Any]) -> None:
         split = record.get("split", "train")
         payload = {f"{split}/{k}": v for k, v in record.items() if k not in ("step", "split")}
         payload["trainer/step"] = record["step"]
         self._wandb_call(lambda: self.wandb.log(payload))
+
+    def relog_after(self, step: int) -> int:
+        """Log metrics.jsonl's records after ``step`` (it is already cut at the resumed checkpoint) to W&B
+        again; returns how many. For a job that died without a word (SIGKILL, a lost node): W&B never wrote
+        the rows it still buffered (offline: the last, partial 32 KiB block of its log)."""
+        if self.wandb is None:
+            return 0
+        records = [r for r in read_metrics(self.path) if r.get("step", 0) > step]
+        for record in records:
+            self._mirror(record)
+        return len(records)
 
     def log_images(self, step: int, images: dict[str, np.ndarray]) -> None:
         if self.wandb is None:

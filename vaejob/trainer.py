@@ -217,10 +217,17 @@ class Trainer:
         self.run_id = resolve_run_id(self.run, state.get("wandb_run_id", ""), resumed=bool(state))
         self.step = state.get("step", 0)  # status.json names the step a refusal leaves the run at
         require_wandb_key(cfg, self.ranks, main)  # before anything is written: config, W&B id, metrics
+        before = self.run.read_status() if main and state else None  # how the job before this one ended
         if main:
             storage.atomic_write_text(self.run.config, cfg.to_yaml())
             storage.atomic_write_text(self.run.wandb_id, self.run_id + "\n")
         self.tracker = Tracker(cfg, self.run_id, enabled=main, resume_step=state["step"] if state else None)
+        if before is not None and before.get("state") == "running":  # it died without a word: W&B lacks rows
+            relogged = self.tracker.relog_after(int(before.get("step", 0)))  # the step that job started at
+            if relogged:
+                self.info(
+                    f"the job before this one died: {relogged} metrics.jsonl records logged to W&B again"
+                )
         self.log = TrainLog(self.acc, self.tracker, cfg, state.get("step", 0))
         if restored is not None:
             self.load_state_dict(state)
