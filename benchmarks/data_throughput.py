@@ -51,7 +51,7 @@ from vaejob.shards.tar import read_segment
 
 def make_data(root: Path, num: int, size: int, workers: int) -> tuple[Path, Path, Path]:
     npy, png, folder = root / "npy", root / "png", root / "imagefolder"
-    common = ["--source", f"synthetic:{num}", "--size", str(size), "--val-fraction", "0", "--seed", "0"]
+    common = ["--source", f"synthetic:{num}", "--size", str(size), "--train-only", "--seed", "0"]
     common += ["--shard-size", str(max(1, num // 8)), "--workers", str(workers)]
     for out, fmt in ((npy, "npy"), (png, "png")):
         if not (out / "manifest.json").exists():

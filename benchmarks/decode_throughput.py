@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (tars / "manifest.json").exists():
             shutil.rmtree(tars, ignore_errors=True)
             make_jpeg_shards(tars, args.num)
-            if shard.main(["--index", str(tars), "--val-fraction", "0", "--workers", str(args.workers)]) != 0:
+            if shard.main(["--index", str(tars), "--train-only", "--workers", str(args.workers)]) != 0:
                 raise SystemExit("vaejob.shard --index failed")
         jpegs = []
         import webdataset as wds

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(server.env())
     root = Path(tempfile.mkdtemp(prefix="vaejob-storage-"))
     try:
-        common = ["--source", f"synthetic:{args.num}", "--size", str(args.size), "--val-fraction", "0"]
+        common = ["--source", f"synthetic:{args.num}", "--size", str(args.size), "--train-only"]
         common += ["--shard-size", str(max(1, args.num // 16)), "--workers", str(args.workers)]
         t0 = time.perf_counter()
         url = "s3://vaejob-bench/set"

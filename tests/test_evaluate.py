@@ -141,6 +141,7 @@ def bad_inputs(
 ) -> dict[str, str]:
     root = tmp_path_factory.mktemp("bad")
     small = make_shards("--source", "synthetic:40", "--size", "8", "--val-fraction", "0.5")
+    no_val = make_shards("--source", "synthetic:40", "--size", "16", "--train-only")
     empty = root / "no_ckpt"
     empty.mkdir()
     shutil.copy(tiny_run / "config.yaml", empty / "config.yaml")
@@ -152,6 +153,7 @@ def bad_inputs(
     return {
         "run": str(tiny_run),
         "small": small,
+        "no_val": no_val,
         "empty": str(empty),
         "other": str(other),
         "shards": tiny_shards,
@@ -173,6 +175,11 @@ def bad_inputs(
             "has splits train, val; use --split val or --shards DIR",
         ),
         ("evaluate", ["--run", "{empty}"], "no complete checkpoint in"),
+        (
+            "evaluate",
+            ["--run", "{run}", "--shards", "{no_val}"],
+            "the val split of {no_val} holds no images; evaluate another --split or --shards",
+        ),
         ("evaluate", ["--run", "{other}"], "does not fit"),
         ("sample", ["--run", "/nonexistent/run", "--num", "4", "--out", "{empty}/s"], "not found"),
         (
@@ -191,6 +198,7 @@ def test_bad_inputs_one_line_exit_2(
     bad_inputs: dict[str, str], module: str, args: list[str], message: str
 ) -> None:
     cp = run(module_cmd(f"vaejob.{module}", 1) + [a.format(**bad_inputs) for a in args], timeout=60)
+    message = message.format(**bad_inputs)
     lines = cp.stderr.strip().splitlines()
     assert cp.returncode == 2, cp.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith(f"vaejob.{module}: error:") and message in lines[0], (

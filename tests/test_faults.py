@@ -3,6 +3,7 @@ dir, a killed launcher, a full disk, a dead job's status, offline W&B segments a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -312,7 +313,65 @@ def test_f_g_a_killed_job_reads_as_dead_and_its_wandb_segments_sync_in_order(sha
 
 
 def test_an_empty_val_split_is_refused_before_training(make_shards, tmp_path) -> None:
-    no_val = make_shards("--source", "synthetic:40", "--size", "16", "--val-fraction", "0")
+    no_val = make_shards("--source", "synthetic:40", "--size", "16", "--train-only")
     cp = train(no_val, tmp_path / "run")
     assert cp.returncode == 2 and len(error_lines(cp)) == 1 and "val split" in error_lines(cp)[0], cp.stderr
     assert not (tmp_path / "run").exists()
+
+
+# -- h. W&B online without an API key ----------------------------------------------------------------------
+def tree_hashes(root: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
+    """sha256 of every file under ``root`` (``"/"`` for a directory), but the names in ``skip``."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "/"
+        for p in sorted(root.rglob("*"))
+        if p.name not in skip
+    }
+
+
+@pytest.mark.parametrize("launcher", ["python", "accelerate-1", "accelerate-2"])
+def test_h_wandb_online_without_a_key_is_one_line_exit_2_on_every_rank(
+    shards, trained, tmp_path, launcher
+) -> None:
+    """No key (empty HOME, no WANDB_API_KEY): every rank exits 2 before training, rank 0 says why in one line
+    and in status.json; the run it was to resume loses nothing (config, metrics, W&B id, checkpoints)."""
+    run_dir = copy_run(trained, tmp_path / "run")
+    before = tree_hashes(run_dir, skip=("status.json",))
+    (tmp_path / "home").mkdir()
+    env = {k: v for k, v in cpu_env(HOME=str(tmp_path / "home")).items() if k != "WANDB_API_KEY"}
+    nproc = 2 if launcher == "accelerate-2" else 1
+    cmd = launch_cmd(nproc, accelerate=launcher != "python")
+    cp = run(
+        cmd + tiny_overrides(shards, run_dir, **{**BASE, "train.max_steps": 30, "wandb.mode": "online"}), env
+    )
+    line = "vaejob.train: error: wandb.mode=online but no W&B API key: run `wandb login`, set WANDB_API_KEY, "
+    assert error_lines(cp) == [line + "or use wandb.mode=offline and `wandb sync` later"], cp.stderr[-3000:]
+    assert not re.search(r'File ".*/vaejob/', cp.stderr), cp.stderr[-3000:]  # no rank's traceback
+    if launcher == "python":
+        assert cp.returncode == 2 and cp.stderr.count("\n") == 1, cp.stderr
+    else:  # accelerate's launcher exits 1 when a rank fails, and says how each rank exited
+        pattern = r"non-zero exit status (-?\d+)\." if nproc == 1 else r"^\s*exitcode\s*: (-?\d+) \(pid"
+        codes = re.findall(pattern, cp.stderr, re.M)
+        assert cp.returncode == 1 and codes == ["2"] * nproc, cp.stderr[-3000:]
+    state = status(run_dir)
+    assert (state["state"], state["step"]) == ("failed", 20) and line[
+        len("vaejob.train: error: ") :
+    ] in state["reason"]
+    assert state["run_id"] == (run_dir / "wandb_id.txt").read_text().strip()
+    assert tree_hashes(run_dir, skip=("status.json",)) == before
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_h_evaluate_without_a_key_stops_every_rank_with_one_line(trained, tmp_path, nproc) -> None:
+    run_dir = copy_run(trained, tmp_path / "run")
+    config = run_dir / "config.yaml"
+    config.write_text(config.read_text().replace("mode: disabled", "mode: online"))
+    (tmp_path / "home").mkdir()
+    env = {k: v for k, v in cpu_env(HOME=str(tmp_path / "home")).items() if k != "WANDB_API_KEY"}
+    cp = run(module_cmd("vaejob.evaluate", nproc) + ["--run", str(run_dir), "--iw-samples", "2"], env, 120)
+    lines = error_lines(cp, "vaejob.evaluate")
+    assert len(lines) == 1 and "wandb.mode=online but no W&B API key" in lines[0], cp.stderr[-3000:]
+    assert not re.search(r'File ".*/vaejob/', cp.stderr) and cp.stdout == "", cp.stderr[-3000:]
+    codes = [cp.returncode] if nproc == 1 else re.findall(r"^\s*exitcode\s*: (-?\d+) \(pid", cp.stderr, re.M)
+    assert codes == ([2] if nproc == 1 else ["2", "2"]), cp.stderr[-3000:]
+    assert not (run_dir / "eval").exists()

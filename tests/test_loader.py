@@ -320,7 +320,7 @@ def test_too_few_samples_for_the_batch(few_shards: str) -> None:
 
 
 def test_empty_val_split(make_shards) -> None:
-    root = make_shards("--source", "synthetic:20", "--size", "8", "--val-fraction", "0")
+    root = make_shards("--source", "synthetic:20", "--size", "8", "--train-only")
     val = loader(root, "val")
     assert len(val) == 0 and list(val) == [] and val.epoch == 1
 

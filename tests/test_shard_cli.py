@@ -18,6 +18,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from tests.foreign import write_foreign_shards
 from tests.util import manifest, write_shard_set
 from vaejob.shard import main
 from vaejob.shards.plan import in_val
@@ -185,8 +186,7 @@ def test_imagefolder(tmp_path: Path) -> None:
         f"imagefolder:{tmp_path / 'pets'}",
         "--size",
         "16",
-        "--val-fraction",
-        "0",
+        "--train-only",
     )
     assert m["labels"] == {"num_classes": 2, "names": ["cats", "dogs"]}
     assert m["factors"] is None and m["args"]["size"] == 16 and m["args"]["channels"] == 3
@@ -213,7 +213,8 @@ def test_imagefolder_loose_files_without_classes(tmp_path: Path) -> None:
     for k in range(5):
         Image.new("L", (10 + k, 10), color=40 * k).save(tmp_path / "flat" / f"img{k}.png")
     m = shard(
-        tmp_path / "out", "--source", f"imagefolder:{tmp_path / 'flat'}", "--size", "8", "--channels", "1"
+        tmp_path / "out",
+        *("--source", f"imagefolder:{tmp_path / 'flat'}", "--size", "8", "--channels", "1", "--train-only"),
     )
     assert m["labels"] is None and m["skipped"] == []
     samples = check_set(tmp_path / "out", (8, 8, 1))
@@ -285,7 +286,7 @@ def test_membership_is_stable_across_seeds(tmp_path: Path) -> None:
 
 
 def test_png_and_jpg_encodings(tmp_path: Path) -> None:
-    base = ("--source", "synthetic:20", "--size", "16", "--val-fraction", "0")
+    base = ("--source", "synthetic:20", "--size", "16", "--train-only")
     shard(tmp_path / "npy", *base)
     shard(tmp_path / "png", *base, "--format", "png")
     shard(tmp_path / "jpg", *base, "--format", "jpg", "--jpeg-quality", "90")
@@ -366,12 +367,17 @@ def file_hashes_tree(root: Path) -> dict[str, str]:
     }
 
 
-def assert_refused(argv: list[str], root: Path, capsys: pytest.CaptureFixture, *needles: str) -> str:
+def assert_refused(
+    argv: list[str], root: Path, capsys: pytest.CaptureFixture, *needles: str, scanned: bool = False
+) -> str:
     """``vaejob.shard ARGV`` exits 2 with ONE error line holding every needle, and nothing under ``root``
-    changes (no file, no directory); returns the line."""
+    changes (no file, no directory); returns the line. ``scanned``: after ``--index``'s progress bar."""
     before = file_hashes_tree(root)
     assert main(argv) == 2, argv
     err = capsys.readouterr().err
+    if scanned:  # the bar's lines are tqdm's carriage-return redraws
+        bar, err = err.rsplit("\n", 2)[0], err.rsplit("\n", 2)[1] + "\n"
+        assert all(line.startswith("\rvaejob.shard --index:") for line in bar.split("\n")), bar
     assert err.count("\n") == 1 and err.startswith("vaejob.shard: error: "), (argv, err)
     assert all(n in err for n in needles), (argv, err)
     assert file_hashes_tree(root) == before, argv
@@ -395,6 +401,72 @@ def test_empty_train_split_is_refused_before_writing(
         argv, fix = ["--source", f"mnist:{tmp_path / 'idx'}", "--limit", "1"], "raise --limit"
     argv += ["--out", str(tmp_path / "new"), "--workers", "1"]
     assert_refused(argv, tmp_path, capsys, "the train split would be empty", fix)
+
+
+@pytest.mark.parametrize(
+    "case", ["zero", "zero-overwrite", "zero-task", "default-hashes-none", "limit-keeps-no-test", "no-test"]
+)
+def test_empty_val_split_is_refused_before_writing(
+    tmp_path: Path, capsys: pytest.CaptureFixture, case: str
+) -> None:
+    """vaejob.train and vaejob.evaluate need val images: a set without any is refused before anything is
+    written or removed (``--train-only`` asks for one on purpose)."""
+    out = tmp_path / "new"
+    argv = ["--source", "synthetic:300", "--val-fraction", "0"]
+    needles = ["the val split would be empty: --val-fraction 0 puts none of the 300 images", "--train-only"]
+    if case == "zero-overwrite":  # the old set stays whole: nothing is cleared before the refusal
+        write_shard_set("--source", "synthetic:30", "--size", "8", out=out)
+        argv.append("--overwrite")
+    elif case == "zero-task":
+        argv += ["--task-index", "0", "--num-tasks", "2"]
+    elif case == "default-hashes-none":  # no key of synthetic:10 hashes below the default 0.1
+        argv = ["--source", "synthetic:10"]
+        needles = ["--val-fraction 0.1 (the default) puts none of the 10 images", "raise --val-fraction"]
+    elif case == "limit-keeps-no-test":  # 1 of 31 images is official test: --limit 1 keeps the train one
+        make_idx_dir(tmp_path / "idx", n_train=30, n_test=1)
+        argv = ["--source", f"mnist:{tmp_path / 'idx'}", "--limit", "1"]
+        needles = ["--limit 1 keeps none of the official test images", "raise --limit"]
+    elif case == "no-test":
+        make_idx_dir(tmp_path / "idx", n_train=5, n_test=0)
+        argv = ["--source", f"mnist:{tmp_path / 'idx'}"]
+        needles = ["has no official test images", "pass --val-fraction F to split its 5 images by key hash"]
+    argv += ["--size", "8", "--out", str(out), "--workers", "1"]
+    assert_refused(argv, tmp_path, capsys, "the val split would be empty", *needles)
+
+
+@pytest.mark.parametrize("case", ["zero", "hashes-none", "no-tar-named"])
+def test_index_refuses_an_empty_val_split_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture, case: str
+) -> None:
+    tars = tmp_path / "tars"
+    keys = write_foreign_shards(tars, n=6, per_shard=3, bad=False)["good"]
+    flags, needles = {
+        "zero": (["--val-fraction", "0"], ["--val-fraction 0 leaves the val split empty", "--train-only"]),
+        "hashes-none": (["--val-fraction", "0.001"], ["--val-fraction 0.001 puts none of the 6", "raise"]),
+        "no-tar-named": (
+            ["--val-shards", "val-*.tar"],
+            ["--val-shards 'val-*.tar' names no tar", "data-00001"],
+        ),
+    }[case]
+    assert not any(in_val(k, 0.001) for k in keys)
+    argv = ["--index", str(tars), *flags, "--workers", "1"]
+    assert_refused(argv, tmp_path, capsys, f"--index {tars}", *needles, scanned=case != "zero")
+
+
+def test_train_only_writes_a_set_without_val(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """What loader benchmarks read: every image in train, on purpose (vaejob.train refuses the set)."""
+    m = shard(tmp_path / "set", "--source", "synthetic:30", "--size", "8", "--train-only")
+    assert (m["splits"]["train"]["count"], m["splits"]["val"]) == (30, {"count": 0, "shards": []})
+    tars = tmp_path / "tars"
+    write_foreign_shards(tars, n=6, per_shard=3, bad=False)
+    assert main(["--index", str(tars), "--train-only", "--workers", "1"]) == 0
+    assert (manifest(tars)["splits"]["train"]["count"], manifest(tars)["splits"]["val"]["count"]) == (6, 0)
+    capsys.readouterr()
+    for argv in (
+        ["--source", "synthetic:30", "--train-only", "--val-fraction", "0.2", "--out", str(tmp_path / "x")],
+        ["--index", str(tars), "--train-only", "--val-shards", "data-00001.tar", "--overwrite"],
+    ):
+        assert_refused(argv, tmp_path, capsys, "--train-only", "pass one")
 
 
 @pytest.mark.parametrize(
@@ -433,7 +505,17 @@ def test_workers_that_do_not_fit_in_memory_are_refused(
 ) -> None:
     # A worker needs ~10 bytes per output byte (0.5 GB at 4096x4096x3): 1.2 GB free fits 2 of them.
     monkeypatch.setattr("vaejob.shard.available_memory", lambda: 1_200_000_000)
-    argv = ["--source", "synthetic:4", "--size", "4096", "--shard-size", "1", "--workers", "4"]
+    argv = [
+        "--source",
+        "synthetic:4",
+        "--size",
+        "4096",
+        "--shard-size",
+        "1",
+        "--workers",
+        "4",
+        "--train-only",
+    ]
     argv += ["--out", str(tmp_path / "new")]
     assert_refused(argv, tmp_path, capsys, "--workers 4", "--size 4096", "pass --workers 2")
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,6 +25,7 @@ from tests.util import (
     metrics,
     run,
     tiny_overrides,
+    wandb_history,
     wandb_records,
     wandb_runs,
 )
@@ -111,18 +113,39 @@ def test_resume_after_crash_matches_straight_run(shards, tmp_path):
         stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 120
-    while not (crashed / "checkpoints" / "step_00000010" / "trainer_state.json").exists():
+    # Killed once it has logged past the step-10 checkpoint: the resumed job logs those steps again.
+    while (
+        not (crashed / "checkpoints" / "step_00000010" / "trainer_state.json").exists()
+        or max(steps(crashed), default=0) < 14
+    ):
         assert time.time() < deadline and proc.poll() is None
         time.sleep(0.05)
     proc.kill()
     proc.wait()
+    resumed_at = int(sorted((crashed / "checkpoints").glob("step_*"))[-1].name.split("_")[1])
     cp = train(shards, crashed, **kw, **{"run.resume": "auto"})
     assert cp.returncode == 0, cp.stderr[-3000:]
-    assert "resumed from" in cp.stderr
+    assert f"at step {resumed_at}" in cp.stderr
     assert_same_run(straight, crashed)
     # one W&B run id across the crash, in two offline run dirs (one per process lifetime)
     runs = wandb_runs(crashed)
     assert len(runs) == 2 and len({r.rsplit("-", 1)[1] for r in runs}) == 1
+    # W&B holds every row each segment got written, in order: the killed job's unwritten rows are lost there
+    # (offline, wandb writes its log in 32 KiB blocks), the resumed job logs them again from metrics.jsonl, and
+    # it logs the steps after its checkpoint again. For each trainer/step the row logged last is metrics.jsonl's.
+    last: dict[tuple[int, str], Any] = {}
+    for row in [row for r in runs for row in wandb_history(r)]:
+        last.update({(row["trainer/step"], k): v for k, v in row.items() if k.startswith(("train/", "val/"))})
+    kept = {
+        (r["step"], f"{r['split']}/{k}"): v
+        for r in metrics(crashed)
+        for k, v in r.items()
+        if k not in ("step", "split")
+    }
+    assert sorted(last) == sorted(kept)
+    assert all(last[k] == pytest.approx(v) for k, v in kept.items()), [
+        k for k, v in kept.items() if last[k] != v
+    ]
 
 
 def start_and_wait(cmd: list[str], run_dir: Path, min_logged: int) -> subprocess.Popen:

@@ -159,6 +159,11 @@ def wandb_records(offline_run: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
+def wandb_history(offline_run: str) -> list[dict[str, Any]]:
+    """The rows an offline W&B run logged (``run.log`` payloads), in the order it logged them."""
+    return [r["history"]["item"] for r in wandb_records(offline_run) if r["type"] == "history"]
+
+
 def write_shard_set(*args: str, out: str | Path, workers: int = 1) -> str:
     """Run ``vaejob.shard ARGS --out OUT`` in-process (the one way tests write a shard set); returns OUT."""
     code = shard_main([*args, "--out", str(out), "--workers", str(workers)])

@@ -11,6 +11,7 @@ import argparse
 import logging
 import math
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -114,6 +115,15 @@ def report(prog: str, error: BaseException) -> int:
     if env_rank() == 0:
         print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
     return EXIT_FAILED if isinstance(error, JobFailure) else EXIT_USAGE
+
+
+def exit_with(code: int) -> NoReturn:
+    """End a command's process with ``code``. A failing rank first ignores SIGTERM: torch's elastic agent
+    (``accelerate launch``) SIGTERMs the other ranks as soon as one exits, which would turn their own exit
+    code (every rank's 2 after a refusal they agreed on) into -15 while they are on their way out."""
+    if code != EXIT_OK:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(code)
 
 
 def setup_logging() -> logging.Logger:

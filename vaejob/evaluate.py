@@ -18,7 +18,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -34,6 +33,7 @@ from vaejob.cli import (
     LOG_NAME,
     UsageError,
     UserError,
+    exit_with,
     int_type,
     report,
     run_parser,
@@ -48,7 +48,7 @@ from vaejob.models import VAE
 from vaejob.ranks import CpuGroup
 from vaejob.rundir import RunDir, step_dir_name
 from vaejob.shards import ShardSet, open_shards
-from vaejob.tracking import attach
+from vaejob.tracking import attach, require_wandb_key
 
 PROG = "vaejob.evaluate"
 DEFAULT_IW_SAMPLES = 1000
@@ -220,6 +220,10 @@ def _prepare(args: argparse.Namespace) -> tuple[VAE, Config, int, str, ShardSet]
         raise UsageError(
             f"this shard set ({shards.root}) has splits {names}; use --split val or --shards DIR"
         )
+    if shards.split(args.split).count == 0:  # nothing to average over (e.g. a --train-only set's val)
+        raise UsageError(
+            f"the {args.split} split of {shards.root} holds no images; evaluate another --split or --shards"
+        )
     args.weights = weights  # the ones loaded
     return model, cfg, step, ckpt, shards
 
@@ -256,9 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision)
     main_rank = acc.is_main_process
     try:
-        tracker = attach(cfg, main_rank)
-    except RuntimeError as e:  # wandb.mode=online without a key
+        require_wandb_key(cfg, CpuGroup(acc.num_processes), main_rank)  # every rank stops, not rank 0 alone
+    except UserError as e:
         return report(PROG, e)
+    tracker = attach(cfg, main_rank)
     model.to(acc.device)
     start = time.perf_counter()
     metrics, images = evaluate(
@@ -310,4 +315,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

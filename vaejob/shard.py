@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=fraction,
         help="val share in [0, 1) by key hash (default: official split, else 0.1)",
     )
+    p.add_argument(
+        "--train-only",
+        action="store_true",
+        help="put every image in train and write no val split (for loader benchmarks: vaejob.train and "
+        "vaejob.evaluate refuse such a set); without it an empty val split is refused",
+    )
     p.add_argument("--shard-size", type=int_type(1), default=5000, help="samples per shard (default 5000)")
     p.add_argument(
         "--workers",
@@ -157,9 +163,13 @@ def _check_splits(
     """Refuse, before writing, a plan with no image at all or none to train on."""
     if not any(splits.values()):
         raise UsageError(f"source {args.source!r} holds no images: check the path or --limit")
-    if splits["train"]:
-        return
-    n_val = len(splits["val"])
+    if not splits["train"]:
+        _refuse_empty_train(args, source, settings, len(splits["val"]))
+    if not splits["val"] and not args.train_only:
+        _refuse_empty_val(args, source, settings, len(splits["train"]))
+
+
+def _refuse_empty_train(args: argparse.Namespace, source: Source, settings: Settings, n_val: int) -> None:
     if settings.val_fraction is not None:
         cause = f"--val-fraction {settings.val_fraction} puts all {n_val} images of {args.source!r} in val"
         fix = "lower --val-fraction (default 0.1)"
@@ -170,6 +180,25 @@ def _check_splits(
         cause = f"{args.source!r} has no official train images"
         fix = f"pass --val-fraction F to split its {n_val} images by key hash"
     raise UsageError(f"the train split would be empty: {cause}; {fix}")
+
+
+def _refuse_empty_val(args: argparse.Namespace, source: Source, settings: Settings, n_train: int) -> None:
+    """vaejob.train and vaejob.evaluate need val images: a set without any is refused unless asked for."""
+    if settings.val_fraction is not None:
+        f = settings.val_fraction
+        given = "" if args.val_fraction is not None else " (the default)"
+        cause = f"--val-fraction {f:g}{given} puts none of the {n_train} images of {args.source!r} in val"
+        fix = (
+            "raise --val-fraction" if f > 0 else f"pass --val-fraction F > 0 (default {DEFAULT_VAL_FRACTION})"
+        )
+        fix += ", or --train-only for a set without val (vaejob.train and vaejob.evaluate refuse it)"
+    elif args.limit is not None and "val" in (source.official or []):
+        cause = f"--limit {args.limit} keeps none of the official test images of {args.source!r}"
+        fix = "raise --limit"
+    else:
+        cause = f"{args.source!r} has no official test images"
+        fix = f"pass --val-fraction F to split its {n_train} images by key hash"
+    raise UsageError(f"the val split would be empty: {cause}; {fix}")
 
 
 def _check_memory(size: int, workers: int, n_tasks: int) -> None:
@@ -186,17 +215,34 @@ def _check_memory(size: int, workers: int, n_tasks: int) -> None:
     )
 
 
+def _check_train_only(args: argparse.Namespace) -> None:
+    """``--train-only`` and a way to choose val contradict each other."""
+    if not args.train_only:
+        return
+    other = "--val-shards" if args.val_shards else "--val-fraction" if args.val_fraction else None
+    if other:
+        raise UsageError(f"--train-only writes no val split but {other} chooses one: pass one")
+
+
 def _index(args: argparse.Namespace) -> int:
     if args.source or args.finalize or args.task_index is not None:
         raise UsageError("--index reads existing tars: drop --source/--finalize/--task-index")
     if args.val_shards and args.val_fraction is not None:
         raise UsageError("--val-shards and --val-fraction are two ways to choose val: pass one")
+    _check_train_only(args)
+    if args.val_fraction == 0 and not args.train_only:  # known before the scan
+        raise UsageError(
+            f"--index {args.index}: --val-fraction 0 leaves the val split empty; pass --val-fraction F > 0 "
+            f"(default {DEFAULT_VAL_FRACTION}) or --val-shards PATTERNS, or --train-only for a set without val "
+            "(vaejob.train and vaejob.evaluate refuse it)"
+        )
     urls = index.expand(args.index)
     out = args.out or index.default_out(urls, args.index)
     index.check_index_out(out, args.overwrite)
     start = time.perf_counter()
     results = index.scan(urls, args.workers)
-    manifest = index.build_index(results, out, args.index, args.val_fraction, args.val_shards)
+    fraction = 0.0 if args.train_only else args.val_fraction
+    manifest = index.build_index(results, out, args.index, fraction, args.val_shards, args.train_only)
     try:
         storage.makedirs(out)
         write_manifest(out, manifest)
@@ -220,6 +266,7 @@ def _run(argv: list[str] | None) -> int:
     task_mode = args.task_index is not None or args.num_tasks is not None
     if task_mode and (args.task_index is None or args.num_tasks is None or args.task_index >= args.num_tasks):
         raise UsageError("--task-index I and --num-tasks T go together, with 0 <= I < T")
+    _check_train_only(args)
     out = args.out or os.path.join("shards", source_name(args.source))
     created = check_out_dir(out, args.overwrite, task_mode)
 
@@ -231,6 +278,8 @@ def _run(argv: list[str] | None) -> int:
         image_column=args.image_column,
         label_column=args.label_column,
     )
+    if args.train_only:
+        args.val_fraction = 0.0  # every key hashes at or above 0: all in train
     official = source.official is not None and args.val_fraction is None
     settings = Settings(
         source=args.source,

@@ -4,6 +4,9 @@ training's log window (sums over ``train.log_every`` steps, reduced across ranks
 One W&B run per job: its id is kept in ``run.dir/wandb_id.txt`` and in every checkpoint, so a resumed or
 requeued job logs into the same run (``resume="allow"``). W&B's own step counter only ever grows; charts use
 ``trainer/step`` as their x-axis, so steps replayed after a resume never trip W&B's monotonic-step check.
+W&B keeps every row each job logged (a crash-resume logs the steps after its checkpoint again, and the rows
+the dead job never got written, see ``Tracker.relog_after``): for each ``trainer/step`` the row logged last
+is the one metrics.jsonl holds.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from accelerate import Accelerator
 
 from vaejob import storage
 from vaejob.cli import LOG_NAME
-from vaejob.config import Config
+from vaejob.config import Config, ConfigError
+from vaejob.ranks import CpuGroup
 from vaejob.rundir import RunDir
 
 log = logging.getLogger(LOG_NAME)
@@ -75,6 +79,29 @@ def truncate_metrics(path: str, last_step: int, dropped_to: str | None = None) -
     return max((r.get("step", 0) for r in kept), default=0)
 
 
+class WandbKeyMissing(ConfigError):
+    """``wandb.mode=online`` without an API key. ``require_wandb_key`` raises it on every rank at once, so the
+    ranks may end together."""
+
+
+def missing_wandb_key(cfg: Config) -> str | None:
+    """Why W&B cannot log online from this process (the one line for the user), or None when it can."""
+    if cfg.wandb.mode == "online" and not (os.environ.get("WANDB_API_KEY") or _has_netrc_key()):
+        return (
+            "wandb.mode=online but no W&B API key: run `wandb login`, set WANDB_API_KEY, "
+            "or use wandb.mode=offline and `wandb sync` later"
+        )
+    return None
+
+
+def require_wandb_key(cfg: Config, ranks: CpuGroup, main: bool) -> None:
+    """Collective: rank 0 (the one that logs to W&B, so its environment is the one that counts) checks for an
+    API key, and every rank raises ``WandbKeyMissing`` when there is none: none is left waiting for the others."""
+    problem = ranks.broadcast(missing_wandb_key(cfg) if main else None)
+    if problem:
+        raise WandbKeyMissing(problem)
+
+
 class Tracker:
     """Rank-0 logger; on other ranks every method is a no-op."""
 
@@ -107,11 +134,9 @@ class Tracker:
         import wandb
 
         w = cfg.wandb
-        if w.mode == "online" and not (os.environ.get("WANDB_API_KEY") or _has_netrc_key()):
-            raise RuntimeError(
-                "wandb.mode=online but no W&B API key: run `wandb login`, set WANDB_API_KEY, "
-                "or use wandb.mode=offline and `wandb sync` later"
-            )
+        problem = missing_wandb_key(cfg)  # callers check it first, on every rank: require_wandb_key
+        if problem:
+            raise WandbKeyMissing(problem)
         run = wandb.init(
             project=w.project,
             entity=w.entity or None,
@@ -146,10 +171,24 @@ class Tracker:
             return
         if self._file is not None:
             self._file.write(json.dumps(record) + "\n")
+        self._mirror(record)
+
+    def _mirror(self, record: dict[str, Any]) -> None:
         split = record.get("split", "train")
         payload = {f"{split}/{k}": v for k, v in record.items() if k not in ("step", "split")}
         payload["trainer/step"] = record["step"]
         self._wandb_call(lambda: self.wandb.log(payload))
+
+    def relog_after(self, step: int) -> int:
+        """Log metrics.jsonl's records after ``step`` (it is already cut at the resumed checkpoint) to W&B
+        again; returns how many. For a job that died without a word (SIGKILL, a lost node): W&B never wrote
+        the rows it still buffered (offline: the last, partial 32 KiB block of its log)."""
+        if self.wandb is None:
+            return 0
+        records = [r for r in read_metrics(self.path) if r.get("step", 0) > step]
+        for record in records:
+            self._mirror(record)
+        return len(records)
 
     def log_images(self, step: int, images: dict[str, np.ndarray]) -> None:
         if self.wandb is None:

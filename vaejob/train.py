@@ -16,7 +16,16 @@ from typing import Any
 if __package__ in (None, ""):  # `python vaejob/train.py` / `accelerate launch vaejob/train.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vaejob.cli import EXIT_OK, ArgumentParser, JobFailure, UserError, env_rank, report, setup_logging
+from vaejob.cli import (
+    EXIT_OK,
+    ArgumentParser,
+    JobFailure,
+    UserError,
+    env_rank,
+    exit_with,
+    report,
+    setup_logging,
+)
 from vaejob.config import Config, load_config, prepare_storage
 from vaejob.shards import ShardSet, open_shards
 from vaejob.trainer import Trainer
@@ -72,4 +81,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

@@ -30,6 +30,7 @@ from vaejob.cli import (
     EXIT_NONFINITE,
     EXIT_OK,
     EXIT_PREEMPTED,
+    EXIT_USAGE,
     LOG_NAME,
     JobFailure,
     error_line,
@@ -51,7 +52,14 @@ from vaejob.ranks import CpuGroup, describe_rank, is_collective_failure, replica
 from vaejob.rundir import RunDir
 from vaejob.seeding import derived_seed
 from vaejob.shards import DataError, ShardSet, open_shards
-from vaejob.tracking import Tracker, TrainLog, read_metrics, resolve_run_id
+from vaejob.tracking import (
+    Tracker,
+    TrainLog,
+    WandbKeyMissing,
+    read_metrics,
+    require_wandb_key,
+    resolve_run_id,
+)
 
 log = logging.getLogger(LOG_NAME)
 
@@ -219,6 +227,9 @@ class Trainer:
             self.info(f"stopping: {e}; the last good checkpoint is {self.run.latest_checkpoint()}")
             self.finish(EXIT_NONFINITE, str(e))
             return EXIT_NONFINITE
+        except WandbKeyMissing as e:  # raised on every rank at once: they end together, status.json first
+            self.finish(EXIT_USAGE, str(e))
+            raise
         except BaseException as e:
             self.finish(EXIT_FAILED, self.failure_line(e), collective=False)  # a rank may be gone: no waiting
             if isinstance(e, JobFailure | OSError) or is_collective_failure(e):
@@ -233,10 +244,19 @@ class Trainer:
         restored = self.checkpointer.restore(cfg.run.resume, self.unwrapped)
         state = restored[1] if restored is not None else {}
         self.run_id = resolve_run_id(self.run, state.get("wandb_run_id", ""), resumed=bool(state))
+        self.step = state.get("step", 0)  # status.json names the step a refusal leaves the run at
+        require_wandb_key(cfg, self.ranks, main)  # before anything is written: config, W&B id, metrics
+        before = self.run.read_status() if main and state else None  # how the job before this one ended
         if main:
             storage.atomic_write_text(self.run.config, cfg.to_yaml())
             storage.atomic_write_text(self.run.wandb_id, self.run_id + "\n")
         self.tracker = Tracker(cfg, self.run_id, enabled=main, resume_step=state["step"] if state else None)
+        if before is not None and before.get("state") == "running":  # it died without a word: W&B lacks rows
+            relogged = self.tracker.relog_after(int(before.get("step", 0)))  # the step that job started at
+            if relogged:
+                self.info(
+                    f"the job before this one died: {relogged} metrics.jsonl records logged to W&B again"
+                )
         self.log = TrainLog(self.acc, self.tracker, cfg, state.get("step", 0))
         if restored is not None:
             self.load_state_dict(state)

@@ -220,9 +220,15 @@ def image_stats(good: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def build_index(
-    results: list[dict[str, Any]], out: str, spec: str, val_fraction: float | None, val_shards: str | None
+    results: list[dict[str, Any]],
+    out: str,
+    spec: str,
+    val_fraction: float | None,
+    val_shards: str | None,
+    train_only: bool = False,
 ) -> dict[str, Any]:
-    """The manifest of the scanned shards, split by named shards or by key hash."""
+    """The manifest of the scanned shards, split by named shards or by key hash; an empty val split is
+    refused unless ``train_only`` asks for one."""
     patterns = [p for part in (val_shards or "").split(",") if part for p in braceexpand.braceexpand(part)]
     fraction = DEFAULT_VAL_FRACTION if val_fraction is None and not patterns else (val_fraction or 0.0)
     splits: dict[str, list[dict[str, Any]]] = {"train": [], "val": []}
@@ -255,6 +261,8 @@ def build_index(
             f"--index {spec}: no usable train image among {sum(r['total'] for r in results)} samples{why}; "
             "check the tars, or lower --val-fraction / change --val-shards"
         )
+    if not splits["val"] and not train_only:
+        _refuse_empty_val(results, spec, val_fraction, fraction, val_shards, len(good))
     stats = image_stats(good)
     shapes = {(1 if g["mode"] in GREY_MODES else 3, g["h"], g["w"]) for g in good}
     channel_sets = {c for c, _, _ in shapes}
@@ -276,6 +284,29 @@ def build_index(
             for s in r["skipped"]
         ],
         extra={"images": stats},
+    )
+
+
+def _refuse_empty_val(
+    results: list[dict[str, Any]],
+    spec: str,
+    val_fraction: float | None,
+    fraction: float,
+    val_shards: str | None,
+    n_good: int,
+) -> None:
+    """vaejob.train and vaejob.evaluate need val images: say which flag left none and how to get some."""
+    if val_shards:
+        example = posixpath.basename(results[-1]["url"])
+        raise UsageError(
+            f"--index {spec}: the val split would be empty: --val-shards {val_shards!r} names no tar with a "
+            f"usable image; pass patterns of the val tars' base names (such as {example!r})"
+        )
+    given = "" if val_fraction is not None else " (the default)"
+    raise UsageError(
+        f"--index {spec}: the val split would be empty: --val-fraction {fraction:g}{given} puts none of the "
+        f"{n_good} usable images in val; raise --val-fraction or pass --val-shards PATTERNS, or --train-only "
+        "for a set without val (vaejob.train and vaejob.evaluate refuse it)"
     )
 
 

@@ -206,8 +206,8 @@ def require_train(source: str, results: list[dict[str, Any]], fix: str) -> None:
     """Raise `SourceError` when the written shards hold no train image; ``fix`` ends the message.
 
     Planning refuses an empty train split, so an empty one here means every train image was unreadable.
-    An empty val split stays legal: ``--val-fraction 0`` asks for one, a small source may hash none into
-    val, and the skipped images are listed in the manifest either way.
+    Planning also refuses an empty val split (unless ``--train-only``); one whose every image was unreadable
+    is kept (the skipped images are listed in the manifest): vaejob.train and vaejob.evaluate refuse it.
     """
     train = [r for r in results if r["split"] == "train"]
     if any(r["count"] for r in train):
