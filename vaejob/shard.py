@@ -173,12 +173,8 @@ def _refuse_empty_train(args: argparse.Namespace, source: Source, settings: Sett
     if settings.val_fraction is not None:
         cause = f"--val-fraction {settings.val_fraction} puts all {n_val} images of {args.source!r} in val"
         fix = "lower --val-fraction (default 0.1)"
-    elif args.limit is not None and "train" in (source.official or []):
-        cause = f"--limit {args.limit} keeps none of the official train images of {args.source!r}"
-        fix = "raise --limit"
     else:
-        cause = f"{args.source!r} has no official train images"
-        fix = f"pass --val-fraction F to split its {n_val} images by key hash"
+        cause, fix = _official_split_cause(args, source, "train", "train", n_val)
     raise UsageError(f"the train split would be empty: {cause}; {fix}")
 
 
@@ -192,13 +188,22 @@ def _refuse_empty_val(args: argparse.Namespace, source: Source, settings: Settin
             "raise --val-fraction" if f > 0 else f"pass --val-fraction F > 0 (default {DEFAULT_VAL_FRACTION})"
         )
         fix += ", or --train-only for a set without val (vaejob.train and vaejob.evaluate refuse it)"
-    elif args.limit is not None and "val" in (source.official or []):
-        cause = f"--limit {args.limit} keeps none of the official test images of {args.source!r}"
-        fix = "raise --limit"
     else:
-        cause = f"{args.source!r} has no official test images"
-        fix = f"pass --val-fraction F to split its {n_train} images by key hash"
+        cause, fix = _official_split_cause(args, source, "val", "test", n_train)
     raise UsageError(f"the val split would be empty: {cause}; {fix}")
+
+
+def _official_split_cause(
+    args: argparse.Namespace, source: Source, split: str, official_name: str, n_other: int
+) -> tuple[str, str]:
+    """Why a source's official ``split`` (its ``official_name`` images) left that split empty, and the fix."""
+    if args.limit is not None and split in (source.official or []):
+        return f"--limit {args.limit} keeps none of the official {official_name} images of {args.source!r}", (
+            "raise --limit"
+        )
+    return f"{args.source!r} has no official {official_name} images", (
+        f"pass --val-fraction F to split its {n_other} images by key hash"
+    )
 
 
 def _check_memory(size: int, workers: int, n_tasks: int) -> None:
