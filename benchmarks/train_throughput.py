@@ -168,8 +168,9 @@ def make_batches(batch_size: int, shape: tuple[int, int, int], n: int, pin: bool
             "image": images(),
             "label": torch.zeros(batch_size, dtype=torch.long),
             "valid": torch.ones(batch_size, dtype=torch.bool),
+            "key": [f"{b:04d}-{i:05d}" for i in range(batch_size)],  # validation's noise is keyed by sample
         }
-        for _ in range(n)
+        for b in range(n)
     ]
 
 

@@ -51,7 +51,7 @@ def test_evaluate_one_and_two_processes_agree(tiny_run: Path) -> None:
     val = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in val if r["split"] == "val"][-1]
     for key in ("nelbo", "recon", "kl"):
-        assert one[key] == pytest.approx(last[key], rel=1e-9, abs=0), key
+        assert one[key] == pytest.approx(last[key], rel=1e-7, abs=0), key  # batch 8 vs 16: fp32 rounding
 
     written = json.loads((tiny_run / "eval" / "val-step_00000060.json").read_text())
     assert written == two and written["step"] == 60 and written["checkpoint"].endswith("step_00000060")
