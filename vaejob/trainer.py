@@ -402,7 +402,12 @@ class Trainer:
         self.acc.backward(objective)
         # Measured every step (a fused norm of the already all-reduced gradients): a NaN gradient under a
         # finite loss must not reach the weights or a checkpoint unnoticed; clipping and skipping read it too.
-        grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), t.grad_clip or float("inf"))
+        if t.grad_clip > 0:
+            grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        else:  # the norm alone: clip_grad_norm_ would also rescale every gradient by 1
+            self.acc.unscale_gradients()
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            grad_norm = torch.nn.utils.get_total_norm(grads)
         scaled = self.acc.scaler is not None  # fp16: the GradScaler skips overflowed steps itself
         if self.guard.skips(out.loss, grad_norm, self.step + 1, scaled):
             self.opt.zero_grad(set_to_none=True)
