@@ -106,11 +106,9 @@ class StepGuard:
         """Remember, on the device (no host sync), the first applied step whose loss or gradient was not finite:
         a NaN gradient under a finite loss makes NaN weights as surely as a NaN loss does. Under loss scaling a
         non-finite gradient is an overflow the scaler did not apply, so only the loss counts there."""
-        bad = ~torch.isfinite(loss.detach())
-        if not scaled:
-            bad = torch.stack([bad, ~torch.isfinite(grad_norm.detach()) & ~bad])
-        else:
-            bad = torch.stack([bad, torch.zeros_like(bad)])
+        loss_bad = ~torch.isfinite(loss.detach())
+        grad_bad = torch.zeros_like(loss_bad) if scaled else ~torch.isfinite(grad_norm.detach()) & ~loss_bad
+        bad = torch.stack([loss_bad, grad_bad])
         self.first_bad.copy_(torch.where(bad & (self.first_bad < 0), step, self.first_bad))
 
     def check(self) -> None:
