@@ -250,6 +250,13 @@ def fid_metrics(
     return {**record, "fid_seconds": time.perf_counter() - start}
 
 
+def refuse(acc: Accelerator, error: UserError) -> int:
+    """A refusal every rank reached together: leave the process group before exiting. A gloo group still
+    alive at interpreter exit can abort a rank (SIGABRT, "terminate called without an active exception")."""
+    acc.end_training()
+    return report(PROG, error)
+
+
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
@@ -262,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         require_wandb_key(cfg, CpuGroup(acc.num_processes), main_rank)  # every rank stops, not rank 0 alone
     except UserError as e:
-        return report(PROG, e)
+        return refuse(acc, e)
     tracker = attach(cfg, main_rank)
     model.to(acc.device)
     start = time.perf_counter()
@@ -281,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             metrics.update(fid_metrics(acc, args, cfg, model, shards))
         except UserError as e:  # no FID network: one line, after the -ELBO pass's own output
-            return report(PROG, e)
+            return refuse(acc, e)
     record = {
         "format": EVAL_FORMAT,
         "run_dir": args.run,
