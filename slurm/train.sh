@@ -13,6 +13,7 @@
 #
 # One srun task per node runs `accelerate launch`, which starts one training process per GPU
 # (VAEJOB_PROCS_PER_NODE overrides the count; with no GPU: CPU mode, gloo, 1 process per node by default).
+# A job of one process in all runs `python -m vaejob.train` directly (see below).
 #
 # Python: the environment sbatch was called from (sbatch exports PATH), or VAEJOB_VENV=/path/to/venv.
 # vaejob must be importable there (`pip install -e .`, or submit from the repository root).
@@ -106,10 +107,18 @@ trap 'forward TERM' TERM
 # and SIGKILL the tasks 32 s later; the ranks get Slurm's signals from their step directly.
 # srun --wait: once one node's launcher has exited, the others get 60 s, then the step is killed (a node lost
 # or a rank hung: the job ends within run.collective_timeout_s + 60 s).
+# One process: no launcher. accelerate >= 1.16's single-process launcher turns a rank's exit code (75: requeue
+# me, 2: bad input) into exit 1 and a traceback that repeats the rank's stderr (commands/launch.py,
+# _run_subprocess); a lone rank needs no rendezvous, so it runs directly, its signals blocked until it handles them.
 # shellcheck disable=SC2016
+if [ "$world" -eq 1 ]; then
+  node_cmd='trap "" USR1 TERM; exec python -m vaejob.preempt python "$@"'
+  launch=()
+else
+  node_cmd='trap "" USR1 TERM; exec python -m vaejob.preempt accelerate launch --machine_rank "$SLURM_NODEID" "$@"'
+fi
 python -m vaejob.preempt srun --nodes="$nnodes" --ntasks-per-node=1 "${step_cpus[@]}" --wait=60 \
-  bash -c 'trap "" USR1 TERM; exec python -m vaejob.preempt accelerate launch --machine_rank "$SLURM_NODEID" "$@"' \
-  vaejob "${launch[@]}" -m vaejob.train "$@" "${resume[@]}" &
+  bash -c "$node_cmd" vaejob "${launch[@]}" -m vaejob.train "$@" "${resume[@]}" &
 srun_pid=$!
 while :; do
   rc=0
