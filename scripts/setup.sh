@@ -20,7 +20,7 @@ fi
 if ! "$VENV/bin/python" -c "import vaejob, torch, torchvision, accelerate, webdataset, wandb, submitit, pytest, pytorch_fid, scipy, datasets, s3fs, moto" 2>/dev/null; then
   echo "setup: installing vaejob and its dependencies into $VENV (torch is large: a few minutes)"
   "$VENV/bin/pip" install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
-  pins=(-c scripts/constraints.txt) # the versions CI passed with: a new release cannot break a fresh install
+  pins=(-c scripts/constraints.txt) # the versions the tests passed with: a new release cannot break a fresh install
   if [ -n "${VAEJOB_UNPINNED:-}" ]; then pins=(); fi
   "$VENV/bin/pip" install -q "${pins[@]}" -e ".[dev,hf,s3]" 2>&1 | grep -vE "is ignored|^$" || true
   "$VENV/bin/python" -c "import vaejob, torch, torchvision, accelerate, webdataset, wandb, submitit, pytorch_fid, scipy, datasets, s3fs, moto"
