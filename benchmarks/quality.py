@@ -11,9 +11,10 @@ Each family trains with its config (``configs/fashion_mnist.yaml``, ``fashion_mn
 likelihood for all (``--likelihood``, default a 5-component discretized logistic mixture: -ELBO in nats and
 bits/dim mean the same for every family). At ``--budget-s`` seconds after its launch a job still running gets
 SIGUSR1 (what Slurm sends before preemption): it checkpoints and exits 75; a job that finishes its
-``train.max_steps`` first stops there. The newest checkpoint is then evaluated by ``vaejob.evaluate`` (the same
+``train.max_steps`` first stops there; val passes, sample grids and periodic checkpoints inside the budget are off
+(``BUDGET_CADENCE``). The newest checkpoint is then evaluated by ``vaejob.evaluate`` (the same
 evaluator for all: exact passes over the 10k val images, one z per image for the -ELBO, ``--iw-samples`` K for
-the IW-NLL over all latent groups, ``--fid`` generated images for FID/KID, 0 = off). Prints a table (-ELBO,
+the IW-NLL over all latent groups, ``--fid`` generated images for FID/KID, 0 = off, at each ``--fid-temperature``). Prints a table (-ELBO,
 IW-NLL, bits/dim, FID, steps, wall s, active units) and each family's margins over conv.
 """
 
@@ -43,6 +44,10 @@ CONFIGS = {
     "resnet": REPO / "configs" / "fashion_mnist_resnet.yaml",
     "hvae": REPO / "configs" / "fashion_mnist_hvae.yaml",
 }
+# The budget is for training: no val passes, sample grids or periodic checkpoints inside it (the evaluator
+# measures the end). Left at the configs' cadences they would take unequal shares of it: a 10k-image val pass
+# costs a deep model many times what it costs conv. ``--set`` can turn them back on.
+BUDGET_CADENCE = [f"train.{k}_every=1000000000" for k in ("eval", "checkpoint", "sample")]
 EXIT_PREEMPTED = 75
 GRACE_S = 300.0  # after SIGUSR1: a checkpoint and W&B's shutdown
 
@@ -115,6 +120,14 @@ def evaluate_run(
     return {**json.loads(evals[-1].read_text()), "eval_s": time.time() - start}
 
 
+def fid_columns(e: dict[str, Any]) -> dict[str, float]:
+    """FID per sampling temperature: ``fid T=0.8`` ...; one temperature (or FID off) gives ``fid``."""
+    by_t = e.get("fid_by_temperature")
+    if by_t:
+        return {f"fid T={t}": v["fid"] for t, v in by_t.items()}
+    return {"fid": e.get("fid", math.nan)}
+
+
 def row(family: str, res: dict[str, Any]) -> dict[str, Any]:
     e = res["eval"]
     return {
@@ -123,7 +136,7 @@ def row(family: str, res: dict[str, Any]) -> dict[str, Any]:
         "iw_nll": e.get("iw_nll", math.nan),
         "bits_per_dim": e.get("nelbo_bits_per_dim", math.nan),
         "iw_bits_per_dim": e.get("bits_per_dim", math.nan),  # of the IW-NLL
-        "fid": e.get("fid", math.nan),
+        **fid_columns(e),
         "step": res["train"]["step"],
         "train_s": res["train"]["train_s"],
         "active_units": f"{e['active_units']}/{e['latent_dim']}",
@@ -132,14 +145,17 @@ def row(family: str, res: dict[str, Any]) -> dict[str, Any]:
 
 def report(results: dict[str, dict[str, Any]]) -> list[str]:
     rows = [row(f, r) for f, r in results.items()]
+    fids = [k for k in rows[0] if k.startswith("fid")] if rows else ["fid"]
+    fid_head = " ".join(f"{k.upper():>10}" for k in fids)
     lines = [
-        f"{'family':8} {'val -ELBO':>10} {'IW-NLL':>10} {'bits/dim':>9} {'IW b/d':>7} {'FID':>7} "
+        f"{'family':8} {'val -ELBO':>10} {'IW-NLL':>10} {'bits/dim':>9} {'IW b/d':>7} {fid_head} "
         f"{'steps':>6} {'train s':>8} {'active z':>9}"
     ]
     for r in rows:
+        fid_cells = " ".join(f"{r.get(k, math.nan):10.2f}" for k in fids)
         lines.append(
             f"{r['family']:8} {r['nelbo']:10.2f} {r['iw_nll']:10.2f} {r['bits_per_dim']:9.4f} "
-            f"{r['iw_bits_per_dim']:7.4f} {r['fid']:7.2f} {r['step']:6d} {r['train_s']:8.0f} {r['active_units']:>9}"
+            f"{r['iw_bits_per_dim']:7.4f} {fid_cells} {r['step']:6d} {r['train_s']:8.0f} {r['active_units']:>9}"
         )
     base = next((r for r in rows if r["family"] == "conv"), None)
     if base is not None:
@@ -147,7 +163,9 @@ def report(results: dict[str, dict[str, Any]]) -> list[str]:
         for r in rows:
             if r is not base:
                 parts = [
-                    f"{k} {r[k] - base[k]:+.2f}" for k in ("nelbo", "iw_nll", "fid") if math.isfinite(r[k])
+                    f"{k} {r[k] - base[k]:+.2f}"
+                    for k in ("nelbo", "iw_nll", *fids)
+                    if math.isfinite(r.get(k, math.nan)) and math.isfinite(base.get(k, math.nan))
                 ]
                 lines.append(f"  {r['family']:8} " + ", ".join(parts))
     return lines
@@ -167,6 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--fid-network", choices=["pytorch-fid", "fid-helper"], help="default: the configs' fid.network"
+    )
+    p.add_argument(
+        "--fid-temperature",
+        type=float,
+        nargs="+",
+        metavar="T",
+        help="prior std scales of the FID samples (default 1.0); the table has a column for each",
     )
     p.add_argument("--families", nargs="+", choices=sorted(CONFIGS), default=["conv", "resnet", "hvae"])
     p.add_argument(
@@ -189,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.iw_samples < 1 or args.fid < 0 or args.fid_real < 0 or args.budget_s <= 0:
         p.error("--iw-samples must be >= 1, --fid >= 0 and --budget-s > 0")
+    if any(not t > 0 for t in args.fid_temperature or []):
+        p.error("--fid-temperature values must be > 0")
     per_family: dict[str, list[str]] = {f: [] for f in CONFIGS}
     for item in args.family_set:
         family, _, kv = item.partition(":")
@@ -200,10 +227,13 @@ def main(argv: list[str] | None = None) -> int:
         fid += ["--fid-real", str(args.fid_real)]
     if args.fid and args.fid_network:
         fid += ["--fid-network", args.fid_network]
+    if args.fid and args.fid_temperature:
+        fid += ["--fid-temperature", *map(str, args.fid_temperature)]
     work = args.work or Path(tempfile.mkdtemp(prefix="vaejob-quality-"))
     work.mkdir(parents=True, exist_ok=True)
     shards = args.shards or ensure_shards(work / "shards", None)
-    overrides = [f"loss.likelihood={args.likelihood}", f"loss.mixtures={args.mixtures}", *args.set]
+    overrides = [f"loss.likelihood={args.likelihood}", f"loss.mixtures={args.mixtures}", *BUDGET_CADENCE]
+    overrides += args.set
     results: dict[str, dict[str, Any]] = {}
     for family in args.families:
         print(f"{family}: training for up to {args.budget_s:.0f} s ...", flush=True)

@@ -81,7 +81,7 @@ def test_real_images_are_close_to_each_other_and_far_from_noise(fmnist_shards: s
     assert abs(kid_rr) < 0.01 * kid_rn  # ... KID is not: real/real ~0
 
 
-def evaluate_fid(run_dir: Path, nproc: int, cache: Path) -> tuple[dict, str]:
+def evaluate_fid(run_dir: Path, nproc: int, cache: Path, *extra: str) -> tuple[dict, str]:
     args = [
         "--run",
         str(run_dir),
@@ -94,7 +94,7 @@ def evaluate_fid(run_dir: Path, nproc: int, cache: Path) -> tuple[dict, str]:
         "--fid-network",
         "fid-helper",
     ]
-    cp = run(module_cmd("vaejob.evaluate", nproc) + [*args, "--fid-cache", str(cache)], timeout=600)
+    cp = run(module_cmd("vaejob.evaluate", nproc) + [*args, "--fid-cache", str(cache), *extra], timeout=600)
     assert cp.returncode == 0, cp.stderr[-3000:]
     return json.loads(cp.stdout), cp.stderr
 
@@ -113,6 +113,24 @@ def test_fid_is_the_same_on_1_and_2_processes_and_its_real_statistics_are_cached
     again, log3 = evaluate_fid(tiny_run, 1, tmp_path / "a")
     assert "from the cache" in log3 and again["fid"] == pytest.approx(one["fid"], rel=1e-6)
     assert one["fid_network"] == two["fid_network"] == again["fid_network"]
+
+
+@pytest.mark.slow
+def test_fid_at_several_temperatures_scores_the_same_latents_scaled(tiny_run: Path, tmp_path) -> None:
+    """The first temperature is the record's fid; each one equals a run at that temperature alone."""
+    cache = tmp_path / "cache"
+    both, _ = evaluate_fid(tiny_run, 1, cache, "--fid-temperature", "0.5", "1.0")
+    alone, _ = evaluate_fid(tiny_run, 1, cache, "--fid-temperature", "1.0")
+    by_t = both["fid_by_temperature"]
+    assert set(by_t) == {"0.5", "1.0"} and both["fid_temperature"] == 0.5
+    assert both["fid"] == by_t["0.5"]["fid"] and both["kid_mean"] == by_t["0.5"]["kid_mean"]
+    assert alone["fid_temperature"] == 1.0 and "fid_by_temperature" not in alone
+    assert by_t["1.0"]["fid"] == pytest.approx(alone["fid"], rel=1e-6)
+    assert by_t["0.5"]["fid"] != pytest.approx(by_t["1.0"]["fid"], rel=1e-3)
+    cp = run(
+        module_cmd("vaejob.evaluate", 1) + ["--run", str(tiny_run), "--fid", "4", "--fid-temperature", "0"]
+    )
+    assert cp.returncode == 2 and "--fid-temperature" in cp.stderr and "Traceback" not in cp.stderr
 
 
 @pytest.mark.slow

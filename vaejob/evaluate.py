@@ -35,6 +35,7 @@ from vaejob.cli import (
     UserError,
     exit_with,
     int_type,
+    positive_float,
     report,
     run_parser,
     setup_logging,
@@ -182,6 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--fid-network", choices=NETWORKS, help="Inception weights' source (default: the run's fid.network)"
     )
+    p.add_argument(
+        "--fid-temperature",
+        type=positive_float,
+        nargs="+",
+        default=[1.0],
+        metavar="T",
+        help="prior std scale of the FID samples; several: fid_by_temperature has each (default 1.0)",
+    )
     p.add_argument("--fid-weights", help="pt_inception-2015-12-05-6726825d.pth for clusters without internet")
     p.add_argument(
         "--fid-cache", help="real-image statistics cache (default: the run's fid.cache, ~/.cache/vaejob/fid)"
@@ -246,7 +255,17 @@ def fid_metrics(
         }
     )
     fid = FidEvaluator(acc, CpuGroup(acc.num_processes), **settings)
-    record = fid.evaluate(model, shards, args.split, args.fid, args.fid_real, seed=args.seed)
+    # The same latents at every temperature, so the temperatures differ by their scale alone.
+    records = [
+        fid.evaluate(model, shards, args.split, args.fid, args.fid_real, seed=args.seed, temperature=t)
+        for t in args.fid_temperature
+    ]
+    record: dict[str, Any] = {**records[0], "fid_temperature": args.fid_temperature[0]}
+    if len(records) > 1:
+        record["fid_by_temperature"] = {
+            str(t): {k: r[k] for k in ("fid", "kid_mean", "kid_std")}
+            for t, r in zip(args.fid_temperature, records, strict=True)
+        }
     return {**record, "fid_seconds": time.perf_counter() - start}
 
 

@@ -333,10 +333,17 @@ class FidEvaluator:
         return self._stats(batches())
 
     def evaluate(
-        self, model: nn.Module, shards: ShardSet, split: str, n: int, n_real: int | None = None, seed: int = 0
+        self,
+        model: nn.Module,
+        shards: ShardSet,
+        split: str,
+        n: int,
+        n_real: int | None = None,
+        seed: int = 0,
+        temperature: float = 1.0,
     ) -> dict[str, float | int | str]:
         real = self.real_stats(shards, split, n_real)
-        fake = self.generated_stats(model, n, seed)
+        fake = self.generated_stats(model, n, seed, temperature)
         fid = frechet_distance(*fake.mean_cov(), *real.mean_cov())
         kid_mean, kid_std = kernel_inception_distance(fake.features, real.features, seed=seed)
         return {
