@@ -1,6 +1,6 @@
 """Quality per model family on Fashion-MNIST at the same wall-clock budget: conv (the default job), resnet, hvae.
 
-    python benchmarks/quality.py                                  # 10 min each, IW-NLL K=100, no FID (~70 min here)
+    python benchmarks/quality.py                                  # 10 min each, IW-NLL K=100, no FID (1.5-2 h here)
     python benchmarks/quality.py --budget-s 300 --iw-samples 1000 --fid 10000 --json quality.json
     python benchmarks/quality.py --families conv hvae --set train.batch_size=64 --launch python
     python benchmarks/quality.py --budget-s 360 --iw-samples 10 --family-set conv:train.max_steps=8424
