@@ -86,7 +86,8 @@ def train_for(
                     os.kill(pid, signal.SIGUSR1)
             code = proc.wait(timeout=GRACE_S)
         end = time.time()
-    status = json.loads((run_dir / "status.json").read_text())
+    status_path = run_dir / "status.json"  # absent when the job refused its config before starting
+    status = json.loads(status_path.read_text()) if status_path.is_file() else {}
     if status.get("state") not in ("completed", "preempted"):
         tail = log_path.read_text()[-3000:]
         raise SystemExit(f"{family}: training exited {code} ({status.get('state')}); log {log_path}:\n{tail}")

@@ -30,8 +30,9 @@ pytestmark = pytest.mark.slow
 # ------------------------------------------------------------------------------------------- evaluate
 def test_evaluate_one_and_two_processes_agree(tiny_run: Path) -> None:
     wandb_before = len(wandb_runs(tiny_run))
-    one = evaluate_json(tiny_run, 1, "--iw-samples", "100", "--batch-size", "5")
-    two = evaluate_json(tiny_run, 2, "--iw-samples", "100", "--batch-size", "8")  # batch size is free too
+    # batch size and IW pass size are free too: one image per IW pass here, the CPU default (2) with two ranks
+    one = evaluate_json(tiny_run, 1, "--iw-samples", "100", "--batch-size", "5", "--iw-batch", "100")
+    two = evaluate_json(tiny_run, 2, "--iw-samples", "100", "--batch-size", "8")
     for key in ("nelbo", "recon", "kl", "iw_nll"):
         assert two[key] == pytest.approx(one[key], rel=1e-6, abs=0), key
     np.testing.assert_allclose(two["kl_per_dim"], one["kl_per_dim"], rtol=1e-6)
