@@ -202,9 +202,8 @@ def test_quality_reduced(fmnist_shards, tmp_path):
         assert ev["iw_nll"] < ev["nelbo"], family  # the K=10 bound is tighter than the one-sample ELBO
         assert ev["nelbo"] < 0.9 * train["first_train_loss"], (family, ev["nelbo"], train)  # it learned
         assert [v["step"] for v in train["val"]] == [50, 100, 150], family
-    assert (
-        len(results["hvae"]["eval"]["kl_per_group"]) == 5
-    )  # fashion_mnist_hvae.yaml: groups [0, 1, 2, 1, 1]
+    # fashion_mnist_hvae.yaml: groups [0, 1, 2, 1, 1]
+    assert len(results["hvae"]["eval"]["kl_per_group"]) == 5
     # the wall-clock budget: SIGUSR1 checkpoints the job, which is evaluated where it stopped
     budget = tmp_path / "budget.json"
     args = ["benchmarks/quality.py", "--shards", fmnist_shards, "--work", str(tmp_path / "budget")]
