@@ -147,7 +147,6 @@ def test_deterministic_sets_the_cublas_workspace(monkeypatch):
 
 AGREE_PROBE = """
 import json, sys
-import torch.distributed as dist
 from accelerate import Accelerator
 from vaejob.config import ConfigError, load_config
 from vaejob.device import Platform, agree_across_ranks, resolve_auto
@@ -166,6 +165,9 @@ except ConfigError as e:
     out["error"] = str(e)
 out["platform"]["cpu_flags"] = sorted(out["platform"]["cpu_flags"])
 json.dump(out, open(f"{sys.argv[1]}/rank{rank}.json", "w"))
+# As the job's own commands do: a gloo group still alive at interpreter exit can abort a rank
+# ("terminate called without an active exception", exit -6).
+acc.end_training()
 """
 
 
