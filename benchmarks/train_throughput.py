@@ -248,9 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("WANDB_SILENT", "true")
     shape = tuple(int(v) for v in args.shape.split(","))
     records: list[dict[str, Any]] = []
+    sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else [None]
+    largest = max([b for b in sizes if b] or [load_config(args.config, args.overrides).train.batch_size])
     with tempfile.TemporaryDirectory() as tmp:
-        shards = small_shards(tmp, shape)
-        sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else [None]
+        # the Trainer refuses a train split smaller than one batch; 80% of the images are train
+        shards = small_shards(tmp, shape, max(1200, 2 * largest))
         for size in sizes:
             fixed = [
                 f"data.shards={shards}",

@@ -20,6 +20,7 @@ import webdataset as wds
 import yaml
 
 from tests.util import (
+    TINY_FAMILIES,
     assert_same_run,
     device_env,
     launch_cmd,
@@ -41,7 +42,6 @@ DEVICES = ["cpu", CUDA]
 PROBE = """
 import json, sys
 import torch
-import torch.distributed as dist
 from vaejob.config import load_config
 from vaejob.loss import vae_loss
 from vaejob.train import Trainer
@@ -50,10 +50,15 @@ trainer = Trainer(load_config(None, sys.argv[2:]))
 code = trainer.fit()
 x = trainer.to_input(torch.randint(0, 256, (8, *trainer.image_shape), dtype=torch.uint8))
 with torch.no_grad(), trainer.acc.autocast():
-    model_out = trainer.model(x)
+    model_out = trainer.model(x)  # as in training: the noise is drawn inside
     logits = model_out.params
     out = vae_loss(trainer.unwrapped.likelihood, model_out, x, trainer.cfg.loss, 1.0)
-    eager = trainer.unwrapped(x)  # the posterior means and KLs do not depend on the noise
+# The prepared (compiled) forward against the eager model on the same noise (hvae's later groups depend on the
+# earlier groups' samples), in fp32 proper: PyTorch lets cuDNN's convolutions use TF32 by default.
+torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+eps = torch.randn(len(x), trainer.unwrapped.latent_size, device=x.device)
+with torch.no_grad():
+    prepared, eager = trainer.model(x, eps=eps), trainer.unwrapped(x, eps=eps)
 layers = {}  # what the layers inside the forward produce (accelerate hands the outputs back in fp32)
 
 
@@ -64,8 +69,10 @@ def record(name):
     return hook
 
 
-for name in ("to_mu", "decoder"):
-    getattr(trainer.unwrapped, name).register_forward_hook(record(name))
+# a layer of the encoder and the decoder's output layer, per family
+LAYERS = {"ConvVAE": ("to_mu", "decoder"), "ResnetVAE": ("enc_out", "conv_out"), "HierarchicalVAE": ("stem", "out")}
+for side, name in zip(("encoder", "decoder"), LAYERS[type(trainer.unwrapped).__name__]):
+    getattr(trainer.unwrapped, name).register_forward_hook(record(side))
 with torch.no_grad():
     getattr(trainer.model, "_orig_mod", trainer.model)(x)  # the prepared module, eager
 scaler = trainer.acc.scaler
@@ -73,15 +80,21 @@ images = [p for p in trainer.unwrapped.parameters() if p.dim() == 4]
 report = {
     "code": code,
     "device": trainer.device.type,
-    "backend": dist.get_backend() if dist.is_initialized() else None,
+    "backend": trainer.acc.state.backend,  # fit() has ended the process group: what accelerate started
     "distributed_type": str(trainer.acc.distributed_type),
     "mixed_precision": trainer.acc.mixed_precision,
     "model": type(trainer.model).__name__,
     "unwrapped": type(trainer.unwrapped).__name__,
     "wrapped": type(getattr(trainer.model, "_orig_mod", trainer.model)).__name__,
-    "dtypes": {k: str(v.dtype) for k, v in {"logits": logits, "loss": out.loss, "recon": out.recon}.items()},
+    "dtypes": {
+        k: str(v.dtype)
+        for k, v in {
+            "logits": logits, "loss": out.loss, "recon": out.recon,
+            "kl": model_out.kl, "log_q": model_out.log_q, "log_p": model_out.log_p,
+        }.items()
+    },
     "layers": layers,
-    "compiled_vs_eager": float(max((model_out.mean - eager.mean).abs().max(), (model_out.kl - eager.kl).abs().max())),
+    "compiled_vs_eager": float(max((prepared.mean - eager.mean).abs().max(), (prepared.kl - eager.kl).abs().max())),
     "scaler": type(scaler).__name__ if scaler is not None else None,
     "scale": float(scaler.get_scale()) if scaler is not None else None,
     "weights_channels_last": all(p.is_contiguous(memory_format=torch.channels_last) for p in images),
@@ -119,6 +132,19 @@ def assert_learns(run_dir: Path) -> None:
     assert len(val) >= 2 and all(np.isfinite(val)) and val[-1] < val[0], val
 
 
+FAMILIES = {"conv": {}, **{f: dict(o.split("=", 1) for o in TINY_FAMILIES[f]) for f in ("resnet", "hvae")}}
+CLASSES = {"conv": "ConvVAE", "resnet": "ResnetVAE", "hvae": "HierarchicalVAE"}
+FP32 = [
+    "logits",
+    "loss",
+    "recon",
+    "kl",
+    "log_q",
+    "log_p",
+]  # the likelihood's parameters, the loss, the densities
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize(
     "device, precision",
     [
@@ -130,13 +156,16 @@ def assert_learns(run_dir: Path) -> None:
         pytest.param("cuda", "fp16", marks=[pytest.mark.cuda, NEEDS_GPU]),
     ],
 )
-def test_mixed_precision_with_the_loss_in_fp32_and_channels_last(shards, tmp_path, device, precision):
+def test_mixed_precision_with_the_loss_in_fp32_and_channels_last(shards, tmp_path, device, precision, family):
+    """Each family under autocast: its convolutions in half precision, the likelihood's parameters, the KL and the
+    log densities of every latent group, and the loss in fp32 (hvae's bounded log sigmas are too, so that
+    exp(2 log sigma) cannot overflow fp16)."""
     kw = {"train.mixed_precision": precision, "train.channels_last": "true", "train.max_steps": 30}
-    out, run_dir, _ = probe(tmp_path, shards, device, **kw)
+    out, run_dir, _ = probe(tmp_path, shards, device, **FAMILIES[family], **kw)
     half = {"bf16": "torch.bfloat16", "fp16": "torch.float16"}[precision]
-    assert out["mixed_precision"] == precision
-    assert out["layers"] == {"to_mu": half, "decoder": half}  # the model ran under autocast
-    assert out["dtypes"] == dict.fromkeys(["logits", "loss", "recon"], "torch.float32")  # the loss did not
+    assert out["mixed_precision"] == precision and out["unwrapped"] == CLASSES[family]
+    assert out["layers"] == {"encoder": half, "decoder": half}  # the model ran under autocast
+    assert out["dtypes"] == dict.fromkeys(FP32, "torch.float32")  # the loss and the densities did not
     assert out["weights_channels_last"] and out["input_channels_last"]
     assert_learns(run_dir)
     ckpt = sorted((run_dir / "checkpoints").iterdir())[-1]
@@ -165,19 +194,23 @@ def test_nccl_process_group_on_one_gpu(shards, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "device, mode",
+    "device, mode, family",
     [
-        ("cpu", "default"),
-        pytest.param("cuda", "default", marks=[pytest.mark.cuda, NEEDS_GPU]),
-        pytest.param("cuda", "reduce-overhead", marks=[pytest.mark.cuda, NEEDS_GPU]),  # CUDA graphs
+        ("cpu", "default", "conv"),
+        pytest.param("cuda", "default", "conv", marks=[pytest.mark.cuda, NEEDS_GPU]),
+        pytest.param("cuda", "reduce-overhead", "conv", marks=[pytest.mark.cuda, NEEDS_GPU]),  # CUDA graphs
+        pytest.param("cuda", "default", "resnet", marks=[pytest.mark.cuda, NEEDS_GPU]),
+        pytest.param("cuda", "default", "hvae", marks=[pytest.mark.cuda, NEEDS_GPU]),
     ],
 )
-def test_torch_compile(shards, tmp_path, device, mode):
+def test_torch_compile(shards, tmp_path, device, mode, family):
     kw = {"train.compile": mode, "train.max_steps": 30, "train.channels_last": "true"}
-    out, run_dir, err = probe(tmp_path, shards, device, **kw)
+    out, run_dir, err = probe(tmp_path, shards, device, **FAMILIES[family], **kw)
     assert out["model"] == "OptimizedModule"
-    assert out["unwrapped"] == "ConvVAE"  # evaluation and figures run the eager model, not the compiled one
-    assert out["wrapped"] == "ConvVAE"  # the compiled module still wraps what accelerate prepared
+    assert (
+        out["unwrapped"] == CLASSES[family]
+    )  # evaluation and figures run the eager model, not the compiled one
+    assert out["wrapped"] == CLASSES[family]  # the compiled module still wraps what accelerate prepared
     assert out["compiled_vs_eager"] < 1e-3, out  # fp32: the compiled forward computes what eager does
     assert_learns(run_dir)
     assert "skipping cudagraphs" not in err, err[-3000:]  # reduce-overhead really replays CUDA graphs

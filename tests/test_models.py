@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from tests.util import TINY_FAMILIES as TINY
 from vaejob.config import Config, load_config
 from vaejob.loss import vae_loss
 from vaejob.metrics import iw_log_px, per_image_noise
@@ -15,22 +16,6 @@ from vaejob.models import VAE, build_model
 from vaejob.models.spectral import SpectralNorms
 
 LIKELIHOODS = ["bernoulli", "gaussian", "discretized_gaussian", "discretized_logistic_mixture"]
-TINY = {
-    "resnet": [
-        "model.name=resnet",
-        "model.channels=[8,16]",
-        "model.attention=true",
-        "model.latent_channels=2",
-    ],
-    "resnet_dense": ["model.name=resnet", "model.channels=[8,16]", "model.latent_dim=6"],
-    "hvae": [
-        "model.name=hvae",
-        "model.channels=[8,16]",
-        "model.groups=[1,2]",
-        "model.latent_channels=2",
-        "model.blocks=1",
-    ],
-}
 SHAPES = [(1, 28, 28), (3, 32, 32), (3, 64, 64)]
 
 

@@ -24,6 +24,24 @@ REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "vaejob" / "train.py")
 BIN = Path(sys.executable).parent
 
+# The deeper families at test size (16 to 64 px): test_models builds them, test_cuda trains them.
+TINY_FAMILIES = {
+    "resnet": [
+        "model.name=resnet",
+        "model.channels=[8,16]",
+        "model.attention=true",
+        "model.latent_channels=2",
+    ],
+    "resnet_dense": ["model.name=resnet", "model.channels=[8,16]", "model.latent_dim=6"],
+    "hvae": [
+        "model.name=hvae",
+        "model.channels=[8,16]",
+        "model.groups=[1,2]",
+        "model.latent_channels=2",
+        "model.blocks=1",
+    ],
+}
+
 
 def cpu_env(**extra: str) -> dict[str, str]:
     """Environment for CPU multi-process runs (ENVIRONMENT.md: without ACCELERATE_USE_CPU=1 the two
