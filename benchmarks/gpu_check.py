@@ -4,6 +4,7 @@ loader keeps up, and time to quality. Ready for the minutes a GPU machine is len
     python benchmarks/gpu_check.py                          # everything, within --budget-s (465 s) on one GPU
     python benchmarks/gpu_check.py --quick                  # tests, 3 batch sizes, loader; no time to quality
     python benchmarks/gpu_check.py --sections throughput,ttq --json out.json     # rerun some sections
+    python benchmarks/gpu_check.py --sections env,tests --tests-k "exact_resume or evaluate"   # some tests
     bash benchmarks/gpu_check.sh                            # on a GPU machine without network (see that file)
 
 Without a CUDA GPU it prints one line and exits 0 (CI runs it so). ``--device cpu`` runs the sections on the CPU
@@ -217,6 +218,7 @@ def section_tests(check: Check) -> dict[str, Any]:
         "--tb=short",
     ]
     cmd += ["tests/test_cuda.py", "-m", marker, f"--junitxml={junit}"]
+    cmd += ["-k", check.args.tests_k] if check.args.tests_k else []
     log_path = Path(check.args.json).with_name("pytest.log")
     started = time.monotonic()
     # At its time share pytest gets SIGINT, not SIGKILL: it then still prints the failures' tracebacks and
@@ -237,6 +239,7 @@ def section_tests(check: Check) -> dict[str, Any]:
     tests = junit_cases(junit) if junit.exists() else verbose_cases(output)
     return {
         "marker": marker,
+        "k": check.args.tests_k,
         "exit_code": code,
         "seconds": round(time.monotonic() - started, 1),
         "tests": tests,
@@ -447,7 +450,8 @@ def print_tables(result: dict[str, Any]) -> None:
             print(f"  auto: {key} = {value}")
     if "tests" in s:
         t = s["tests"]
-        print(f"\npytest -m '{t['marker']}': exit {t['exit_code']} in {t['seconds']} s")
+        only = f" -k '{t['k']}'" if t.get("k") else ""
+        print(f"\npytest -m '{t['marker']}'{only}: exit {t['exit_code']} in {t['seconds']} s")
         for case in t["tests"]:
             print(f"  {case['outcome']:<8}{case['s']:>7.1f} s  {case['test']}  {case['message']}")
     if "throughput" in s:
@@ -504,6 +508,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--device", choices=("cuda", "cpu"), default="cuda", help="cpu: the same sections on the CPU"
+    )
+    p.add_argument(
+        "--tests-k",
+        metavar="EXPR",
+        help="tests: only these (pytest -k), e.g. 'exact_resume or evaluate' when time is short",
     )
     p.add_argument("--batch-sizes", default="32,64,128,256,512,1024")
     p.add_argument("--specs", nargs="*", help="throughput: NAME[@B1,B2][:key=value,...] (default: see above)")

@@ -88,6 +88,23 @@ def test_gpu_check_without_a_gpu_says_so_and_exits_0():
     assert cp.stdout.startswith("gpu_check: no CUDA GPU here") and "exiting 0" in cp.stdout
 
 
+def test_gpu_check_tests_section_reports_each_selected_test(tmp_path):
+    """The tests section on the CPU cases, narrowed with --tests-k as a short GPU lease would: one record each."""
+    out = tmp_path / "check.json"
+    args = ["benchmarks/gpu_check.py", "--device", "cpu", "--sections", "tests", "--json", str(out)]
+    cp = _bench([*args, "--tests-k", "mixed_precision and conv"], timeout=300)
+    tests = json.loads(out.read_text())["sections"]["tests"]
+    assert (
+        tests["marker"] == "not cuda" and tests["k"] == "mixed_precision and conv" and tests["exit_code"] == 0
+    )
+    outcomes = {t["test"]: t["outcome"] for t in tests["tests"]}
+    prefix = "test_mixed_precision_with_the_loss_in_fp32_and_channels_last"
+    assert outcomes == {f"{prefix}[cpu-bf16-conv]": "passed", f"{prefix}[cpu-fp16-conv]": "skipped"}, (
+        cp.stdout
+    )
+    assert "-k 'mixed_precision and conv': exit 0" in cp.stdout
+
+
 def test_gpu_check_sections_run_on_the_cpu(tmp_path):
     """Every section but the CUDA tests (tests/test_cuda.py runs their CPU cases itself), at toy sizes."""
     out = tmp_path / "check.json"
