@@ -225,6 +225,7 @@ def section_tests(check: Check) -> dict[str, Any]:
     # writes the junit file for the tests it finished (a killed pytest says FAILED and nothing about why).
     proc = subprocess.Popen(cmd, cwd=REPO, env=check.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
+        # 20 s of the share are kept for the interrupted pytest's report
         output, code = _text(proc.communicate(timeout=max(30, check.left("tests") - 20))[0]), proc.returncode
     except subprocess.TimeoutExpired:
         proc.send_signal(signal.SIGINT)
